@@ -1,0 +1,1 @@
+"""Shared machinery: the attention wrapper, the tracked KV cache, mask helpers."""

@@ -1,0 +1,100 @@
+"""One attention wrapper per text model, registered through transformers' AttentionInterface.
+
+The wrapper forwards every call unchanged to the implementation the model was configured with
+(sdpa, flash_attention_2, eager, ...), so outputs are identical; afterwards it hands the post-RoPE
+query and the keys attention saw to the callbacks methods registered (e.g. FastV's scoring row).
+Only the language model's config is switched; a vision tower keeps its own implementation.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PREFIX = "mllm_eff_"
+_HUB_ATTR = "_mllm_eff_hub"
+_registered: set[str] = set()
+
+AttentionCallback = Callable[..., None]  # cb(module, query, key, value, attention_mask, kwargs)
+
+
+def wrapper_name(inner: str) -> str:
+    return PREFIX + inner
+
+
+def inner_name(impl: str | None) -> str:
+    impl = impl or "sdpa"
+    return impl[len(PREFIX):] if impl.startswith(PREFIX) else impl
+
+
+def _resolve_inner(inner: str, module: torch.nn.Module) -> Callable:
+    if inner == "eager":
+        # each model file defines its own eager function and passes it as the default
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[inner]
+
+
+def _ensure_registered(inner: str) -> str:
+    name = wrapper_name(inner)
+    if name in _registered:
+        return name
+    if inner != "eager" and inner not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        raise ValueError(f"attn_implementation {inner!r} cannot be wrapped; registered: "
+                         f"{sorted(ALL_ATTENTION_FUNCTIONS.valid_keys())}")
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        output = _resolve_inner(inner, module)(module, query, key, value, attention_mask, **kwargs)
+        hub = getattr(module, _HUB_ATTR, None)
+        if hub is not None and hub.callbacks:
+            for callback in hub.callbacks:
+                callback(module, query, key, value, attention_mask, kwargs)
+        return output
+
+    AttentionInterface.register(name, attention)
+    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner, sdpa_mask)
+    AttentionMaskInterface.register(name, mask_fn)
+    _registered.add(name)
+    return name
+
+
+class AttentionHub:
+    """Owned jointly by the methods attached to one text model (reference counted)."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.callbacks: list[AttentionCallback] = []
+        self.users = 0
+        self.original_impl = adapter.text_config._attn_implementation
+        self.inner = inner_name(self.original_impl)
+
+    @classmethod
+    def acquire(cls, adapter) -> "AttentionHub":
+        modules = adapter.attention_modules()
+        hub = getattr(modules[0], _HUB_ATTR, None)
+        if hub is None:
+            hub = cls(adapter)
+            name = _ensure_registered(hub.inner)
+            for m in modules:
+                setattr(m, _HUB_ATTR, hub)
+            adapter.text_config._attn_implementation = name
+        hub.users += 1
+        return hub
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users > 0:
+            return
+        for m in self.adapter.attention_modules():
+            if getattr(m, _HUB_ATTR, None) is self:
+                delattr(m, _HUB_ATTR)
+        self.adapter.text_config._attn_implementation = self.original_impl
+
+    def add_callback(self, cb: AttentionCallback) -> None:
+        self.callbacks.append(cb)
+
+    def remove_callback(self, cb: AttentionCallback) -> None:
+        self.callbacks = [c for c in self.callbacks if c is not cb]

@@ -1,0 +1,13 @@
+"""Exceptions raised for bad input. Every message names the parameter and what is allowed."""
+
+
+class ConfigError(ValueError):
+    """A method parameter is outside its allowed range or unknown."""
+
+
+class UnsupportedModelError(TypeError):
+    """The model family has no adapter."""
+
+
+class NoVisualTokensError(ValueError):
+    """A visual-token method was run on a prompt without image or video tokens."""

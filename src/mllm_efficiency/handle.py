@@ -1,0 +1,36 @@
+"""The handle `apply()` returns: removable, usable as a context manager, exposes `.stats`."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class MethodHandle:
+    def __init__(self, name: str, config: Any, attached: Any):
+        self.name = name
+        self.config = config
+        self._attached = attached
+        self._removed = False
+
+    @property
+    def stats(self):
+        return self._attached.stats
+
+    @property
+    def active(self) -> bool:
+        return not self._removed
+
+    def remove(self) -> None:
+        """Detach the method; the model is exactly as before `apply()`. Safe to call twice."""
+        if not self._removed:
+            self._attached.remove()
+            self._removed = True
+
+    def __enter__(self) -> "MethodHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "active"
+        return f"MethodHandle({self.name}, {state}, config={self.config})"

@@ -1,0 +1,398 @@
+"""The token-pruning engine: one per model, shared by every pruning method attached to it.
+
+Methods contribute *steps* (FastV: "from layer K keep these tokens"). The engine owns the hooks:
+- a pre-hook on the entry model records `input_ids` (the text model of a VLM only sees embeddings);
+- a pre-hook on the text model starts a request at each fresh prefill and swaps in a `TrackedCache`;
+- the attention wrapper (core.attention) hands post-RoPE q/k of scoring layers to the steps;
+- pre-hooks on decoder layers shorten hidden states, RoPE cos/sin, position ids and the mask
+  (prefill), or translate the model's logical mask to each layer's stored slots (decoding);
+- a hook on the final norm scatters the short sequence back to the prompt length.
+With no step acting on a request (ratio 0, keep == N) nothing is substituted: outputs are unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import masks as M
+from ..core.attention import AttentionHub
+from ..core.cache import TrackedCache, TrackedLayer
+
+_ENGINE_ATTR = "_mllm_eff_pruning_engine"
+
+
+@dataclasses.dataclass
+class Request:
+    """State of one prefill forward while pruning acts on it."""
+
+    input_ids: torch.Tensor | None
+    visual: torch.Tensor  # (B, L) bool, original coordinates
+    length: int
+    batch: int
+    cache: TrackedCache | None
+    kept: torch.Tensor  # (B, Lcur) original index of each current slot
+    valid: torch.Tensor  # (B, Lcur) False for filler slots (ragged batches)
+    hidden_keys: torch.Tensor | None = None  # (B, L) original positions masked as keys (mask mode)
+    scores: dict = dataclasses.field(default_factory=dict)
+    active_steps: list = dataclasses.field(default_factory=list)
+    sub: dict | None = None  # substituted layer kwargs for the current kept set
+    pruned: bool = False  # the sequence length changed
+    position_shift: torch.Tensor | None = None  # (B,) renumbered positions: tokens dropped per sample
+    dropped_cum: torch.Tensor | None = None  # (B, L) renumbered positions: dropped tokens up to each position
+
+    @property
+    def identity(self) -> bool:
+        return not self.pruned
+
+
+class PruningEngine:
+    def __init__(self, model: nn.Module, adapter):
+        self.model = model
+        self.adapter = adapter
+        self.steps: list = []
+        self.req: Request | None = None
+        self._input_ids: torch.Tensor | None = None
+        self._decode_memo: dict = {}
+        self._hub = AttentionHub.acquire(adapter)
+        self._hub.add_callback(self._on_attention)
+        text = adapter.text_model
+        self._handles = []
+        if adapter.model is not text:
+            self._handles.append(adapter.model.register_forward_pre_hook(self._on_entry, with_kwargs=True))
+        self._handles.append(text.register_forward_pre_hook(self._on_text_model, with_kwargs=True))
+        self._handles.append(text.register_forward_hook(self._after_text_model, with_kwargs=True))
+        self._handles.append(text.norm.register_forward_hook(self._on_final_norm))
+        for i, layer in enumerate(adapter.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+
+    # ----------------------------------------------------------------- lifecycle
+    @classmethod
+    def attach(cls, model: nn.Module, adapter, step) -> "PruningEngine":
+        engine = getattr(adapter.text_model, _ENGINE_ATTR, None)
+        if engine is None:
+            engine = cls(model, adapter)
+            setattr(adapter.text_model, _ENGINE_ATTR, engine)
+        engine.steps.append(step)
+        engine.steps.sort(key=lambda s: s.layer)
+        return engine
+
+    def detach(self, step) -> None:
+        self.steps = [s for s in self.steps if s is not step]
+        if self.steps:
+            return
+        for h in self._handles:
+            h.remove()
+        self._hub.remove_callback(self._on_attention)
+        self._hub.release()
+        delattr(self.adapter.text_model, _ENGINE_ATTR)
+
+    @property
+    def inner_impl(self) -> str:
+        return self._hub.inner
+
+    # ----------------------------------------------------------------- entry and text model
+    def _on_entry(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._input_ids = ids if isinstance(ids, torch.Tensor) else None
+
+    def _on_text_model(self, module, args, kwargs):
+        self.req = None
+        self._decode_memo = {}
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor):
+            self._input_ids = ids
+        ids, self._input_ids = self._input_ids, None
+        embeds = kwargs.get("inputs_embeds")
+        ref = embeds if embeds is not None else ids
+        if ref is None:
+            return None
+        B, L = ref.shape[0], ref.shape[1]
+        ck = self.adapter.cache_kwarg
+        cache = kwargs.get(ck)
+        if cache is not None and not hasattr(cache, "get_seq_length"):
+            return None
+        past = 0
+        if cache is not None:
+            past = cache.logical_length if isinstance(cache, TrackedCache) else cache.get_seq_length()
+        if past > 0:
+            return self._continue(cache, kwargs, L)
+        if ids is not None and ids.shape[1] != L:
+            ids = None  # ids do not describe this forward (e.g. embeddings passed directly)
+        self._check_padding(kwargs.get("attention_mask"))
+        visual = None if ids is None else self.adapter.visual_mask(ids)
+        active = []
+        for step in self.steps:
+            step_visual = step.visual_positions(visual, B, L, ref.device)
+            if step.plan(step_visual):
+                active.append(step)
+                visual = step_visual
+        if not active:
+            return None
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.adapter.text_config, "use_cache", True)
+        if use_cache:
+            if cache is None or type(cache).__name__ == "DynamicCache":
+                cache = TrackedCache(config=self.adapter.text_config)
+                kwargs[ck] = cache
+            elif not isinstance(cache, TrackedCache):
+                raise NotImplementedError(
+                    f"token pruning needs a dynamic KV cache; got {type(cache).__name__} "
+                    "(StaticCache and quantized caches are not supported; use cache_implementation='dynamic')")
+        else:
+            cache = None
+        base = torch.arange(L, device=ref.device).unsqueeze(0).expand(B, -1)
+        self.req = Request(ids, visual, L, B, cache, base, torch.ones(B, L, dtype=torch.bool, device=ref.device),
+                           active_steps=active)
+        return args, kwargs
+
+    def _check_padding(self, mask2d) -> None:
+        if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 and mask2d.shape[1] > 1:
+            if bool((mask2d[:, -1] == 0).any()):
+                raise ValueError("attention_mask: right padding is not supported by token pruning; "
+                                 "pad on the left (tokenizer.padding_side = 'left')")
+
+    def _continue(self, cache, kwargs, q: int):
+        """A decode step or a later turn on a cache some layers of which were pruned."""
+        if not isinstance(cache, TrackedCache):
+            return None
+        if kwargs.get("position_ids") is None and not self.adapter.uses_mrope:
+            start = cache.logical_length
+            device = (kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None
+                      else kwargs.get("input_ids")).device
+            kwargs["position_ids"] = torch.arange(start, start + q, device=device).unsqueeze(0)
+            return (), kwargs
+        return None
+
+    def _after_text_model(self, module, args, kwargs, output):
+        req, self.req = self.req, None
+        if req is None:
+            return None
+        cache = req.cache
+        lengths = cache.stored_lengths() if cache is not None else None
+        for step in req.active_steps:
+            step.finish(req, lengths)
+        return None
+
+    def _on_final_norm(self, module, args, output):
+        req = self.req
+        if req is None or req.identity:
+            return None
+        B, L = req.batch, req.length
+        full = output.new_zeros(B, L + 1, output.shape[-1])
+        index = torch.where(req.valid, req.kept, torch.full_like(req.kept, L))  # filler -> dummy slot L
+        full.scatter_(1, index.unsqueeze(-1).expand(-1, -1, output.shape[-1]), output)
+        return full[:, :L]
+
+    # ----------------------------------------------------------------- attention callback (scores)
+    def _on_attention(self, module, query, key, value, attention_mask, kwargs):
+        req = self.req
+        if req is None:
+            return
+        layer_idx = module.layer_idx
+        for step in req.active_steps:
+            if step.score_layer == layer_idx:
+                req.scores[step] = step.score(req, module, query, key, attention_mask, kwargs)
+
+    # ----------------------------------------------------------------- decoder layers
+    def _layer_hook(self, i: int):
+        def hook(module, args, kwargs):
+            if self.req is not None:
+                return self._prefill_layer(i, args, kwargs)
+            cache = kwargs.get(self.adapter.cache_kwarg)
+            if isinstance(cache, TrackedCache) and i < len(cache.layers):
+                layer = cache.layers[i]
+                if isinstance(layer, TrackedLayer) and layer.is_tracked:
+                    return self._decode_layer(layer, args, kwargs)
+            return None
+
+        return hook
+
+    def _prefill_layer(self, i: int, args, kwargs):
+        req = self.req
+        hidden = args[0] if args else kwargs["hidden_states"]
+        changed = False
+        for step in req.active_steps:
+            if step.layer != i:
+                continue
+            keep = step.select(req)  # (B, Lcur) bool or None
+            if keep is None:
+                continue
+            if step.mode == "inplace":
+                hidden = self._shrink(req, keep, hidden)
+            else:
+                dropped = _to_original(req, ~keep & req.valid, False)
+                req.hidden_keys = dropped if req.hidden_keys is None else (req.hidden_keys | dropped)
+            changed = True
+        if changed:
+            req.sub = self._substitute(req, kwargs)
+            if req.cache is not None:
+                self._set_pending(req, i)
+        if req.sub is None:
+            return None
+        new_kwargs = dict(kwargs)
+        new_kwargs.update(req.sub)
+        if args:
+            return (hidden,) + tuple(args[1:]), new_kwargs
+        new_kwargs["hidden_states"] = hidden
+        return args, new_kwargs
+
+    def _shrink(self, req: Request, keep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        keep = keep & req.valid
+        counts = keep.sum(1)
+        new_len = int(counts.max())
+        # stable order: kept slots in their original order, right-aligned; filler slots (index 0) first
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :new_len]  # kept first
+        shift = new_len - counts  # filler count per sample
+        slot = torch.arange(new_len, device=keep.device).unsqueeze(0)
+        src = slot - shift.unsqueeze(1)
+        valid_new = src >= 0
+        local = order.gather(1, src.clamp_min(0))
+        local = torch.where(valid_new, local, torch.zeros_like(local))
+        if self._positions_mode(req) == "renumber":
+            dropped = _to_original(req, ~keep, True)  # absent (dropped earlier) positions count as dropped
+            req.position_shift = dropped.sum(1)
+            req.dropped_cum = dropped.cumsum(1)
+        req.kept = req.kept.gather(1, local)
+        req.valid = valid_new & req.valid.gather(1, local)
+        req.pruned = True
+        return hidden.gather(1, local.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+    def _positions_mode(self, req: Request) -> str:
+        modes = {getattr(s.config, "positions", "original") for s in req.active_steps if s.mode == "inplace"}
+        return "renumber" if "renumber" in modes else "original"
+
+    def _set_pending(self, req: Request, from_layer: int) -> None:
+        valid = req.valid
+        if req.hidden_keys is not None:
+            valid = valid & ~req.hidden_keys.gather(1, req.kept)
+        valid_arg = None if bool(valid.all()) else valid
+        pos_arg = req.kept if req.pruned else None
+        for j in range(from_layer, self.adapter.num_layers):
+            req.cache.layers[j].set_pending(pos_arg, valid_arg, req.length, req.position_shift)
+
+    def _substitute(self, req: Request, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Layer kwargs for the current kept set; computed once, reused by every later layer."""
+        sub: dict[str, Any] = {}
+        kept, valid = req.kept, req.valid
+        mask = kwargs.get("attention_mask")
+        fmt = M.mask_format(mask, self.inner_impl)
+        key_ok = valid
+        if req.hidden_keys is not None:
+            key_ok = key_ok & ~req.hidden_keys.gather(1, kept)
+        diag_rows = ~key_ok
+        if req.pruned:
+            pos_ids = kwargs.get("position_ids")
+            if self._positions_mode(req) == "renumber":
+                new_pos = self._renumbered(req, pos_ids)
+                sub["position_ids"] = new_pos
+                hidden_ref = kwargs["position_embeddings"][0]
+                sub["position_embeddings"] = self.adapter.text_model.rotary_emb(hidden_ref, new_pos)
+            else:
+                cos, sin = kwargs["position_embeddings"]
+                sub["position_embeddings"] = (_gather_seq(cos, kept), _gather_seq(sin, kept))
+                if pos_ids is not None:
+                    sub["position_ids"] = _gather_last(pos_ids, kept)
+            if mask is not None:
+                mask = M.gather_keys(mask, kept)
+                if mask.dim() == 4:
+                    mask = M.gather_queries(mask, kept)
+        all_ok = bool(key_ok.all())
+        if mask is None:
+            if all_ok:
+                sub["attention_mask"] = None
+                return sub
+            if fmt == "2d":
+                raise NotImplementedError("hiding keys of some samples needs a 4-D mask; flash attention "
+                                          "supports inplace pruning only")
+            idx = torch.arange(kept.shape[1], device=kept.device).unsqueeze(0).expand(req.batch, -1)
+            dtype = kwargs["position_embeddings"][0].dtype
+            mask = M.to_backend(M.causal_allowed(idx, idx), fmt, dtype)
+        if not all_ok:
+            if mask.dim() == 2 and req.hidden_keys is not None:
+                raise NotImplementedError("mask mode needs a 4-D attention mask (sdpa or eager), "
+                                          "not flash attention")
+            mask = M.restrict_keys(mask, key_ok, diag_rows if mask.dim() == 4 else None)
+        sub["attention_mask"] = mask
+        return sub
+
+    def _renumbered(self, req: Request, pos_ids: torch.Tensor | None) -> torch.Tensor:
+        if pos_ids is None or pos_ids.dim() != 2:
+            raise NotImplementedError("positions='renumber' needs 1-D RoPE position ids")
+        pos = pos_ids.expand(req.batch, -1)
+        return pos.gather(1, req.kept) - req.dropped_cum.gather(1, req.kept)
+
+    def _decode_layer(self, layer: TrackedLayer, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        B, q = hidden.shape[0], hidden.shape[1]
+        mask = kwargs.get("attention_mask")
+        key = (id(layer.prefix_pos), id(layer.prefix_valid), layer.get_seq_length(), q, id(mask))
+        sub = self._decode_memo.get(key)
+        if sub is None:
+            sub = self._decode_substitute(layer, hidden, kwargs, B, q)
+            self._decode_memo[key] = sub
+        if not sub:
+            return None
+        new_kwargs = dict(kwargs)
+        new_kwargs.update(sub)
+        return args, new_kwargs
+
+    def _decode_substitute(self, layer: TrackedLayer, hidden, kwargs, B: int, q: int) -> dict:
+        sub: dict[str, Any] = {}
+        mask = kwargs.get("attention_mask")
+        valid = layer.slot_valid(extra=q)
+        cols = layer.slot_positions(extra=q, batch=B, device=hidden.device)
+        past = layer.logical_length()
+        if mask is not None:
+            if mask.shape[-1] != past + q:
+                raise RuntimeError(f"attention mask covers {mask.shape[-1]} keys, expected {past + q} "
+                                   "(logical length of the pruned cache + new tokens)")
+            mask = M.gather_keys(mask, cols.expand(B, -1))
+            if valid is not None:
+                mask = M.restrict_keys(mask, valid)
+            sub["attention_mask"] = mask
+        elif valid is not None and not bool(valid.all()):
+            fmt = M.mask_format(None, self.inner_impl)
+            if fmt == "2d":
+                sub["attention_mask"] = valid.to(torch.long)
+            else:
+                q_pos = torch.arange(past, past + q, device=hidden.device).unsqueeze(0).expand(B, -1)
+                allowed = M.causal_allowed(q_pos, cols.expand(B, -1)) & valid[:, None, None, :]
+                sub["attention_mask"] = M.to_backend(allowed, fmt, hidden.dtype)
+        if layer.position_shift is not None:
+            pos_ids = kwargs.get("position_ids")
+            if pos_ids is None:
+                pos_ids = torch.arange(past, past + q, device=hidden.device).unsqueeze(0)
+            new_pos = pos_ids.expand(B, -1) - layer.position_shift.to(pos_ids.device).unsqueeze(1)
+            sub["position_ids"] = new_pos
+            sub["position_embeddings"] = self.adapter.text_model.rotary_emb(hidden, new_pos)
+        return sub
+
+
+def _to_original(req: Request, values: torch.Tensor, absent) -> torch.Tensor:
+    """Scatter per-slot bools (B, Lcur) to original positions (B, L); positions without a slot get `absent`."""
+    out = torch.full((req.batch, req.length + 1), absent, dtype=values.dtype, device=values.device)
+    index = torch.where(req.valid, req.kept, torch.full_like(req.kept, req.length))  # filler -> dummy column
+    out.scatter_(1, index, values)
+    return out[:, :req.length]
+
+
+def _gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather along dim -2 (sequence) of cos/sin shaped (..., B|1, L, D) with per-sample idx (B, L')."""
+    B, Lp = idx.shape
+    lead = t.shape[:-3]
+    t = t.expand(*lead, B, t.shape[-2], t.shape[-1])
+    index = idx.view(*([1] * len(lead)), B, Lp, 1).expand(*lead, B, Lp, t.shape[-1])
+    return t.gather(-2, index)
+
+
+def _gather_last(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather position ids (..., B|1, L) along the last axis (all rows for M-RoPE)."""
+    B, Lp = idx.shape
+    lead = t.shape[:-2]
+    t = t.expand(*lead, B, t.shape[-1])
+    index = idx.view(*([1] * len(lead)), B, Lp).expand(*lead, B, Lp)
+    return t.gather(-1, index)
