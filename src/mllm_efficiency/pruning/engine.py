@@ -118,7 +118,7 @@ class PruningEngine:
         if cache is not None:
             past = cache.logical_length if isinstance(cache, TrackedCache) else cache.get_seq_length()
         if past > 0:
-            return self._continue(cache, kwargs, L)
+            return self._continue(cache, args, kwargs, L)
         if ids is not None and ids.shape[1] != L:
             ids = None  # ids do not describe this forward (e.g. embeddings passed directly)
         self._check_padding(kwargs.get("attention_mask"))
@@ -155,17 +155,31 @@ class PruningEngine:
                 raise ValueError("attention_mask: right padding is not supported by token pruning; "
                                  "pad on the left (tokenizer.padding_side = 'left')")
 
-    def _continue(self, cache, kwargs, q: int):
+    def _continue(self, cache, args, kwargs, q: int):
         """A decode step or a later turn on a cache some layers of which were pruned."""
         if not isinstance(cache, TrackedCache):
             return None
-        if kwargs.get("position_ids") is None and not self.adapter.uses_mrope:
-            start = cache.logical_length
+        start = cache.logical_length
+        pos = kwargs.get("position_ids")
+        if q > 1 and isinstance(pos, torch.Tensor) and not self.adapter.uses_mrope and self._unpadded(kwargs):
+            # a multi-token continuation (next turn); single decode steps skip this check to avoid a GPU sync
+            first = int(pos.reshape(-1, pos.shape[-1])[:, 0].min())
+            if first != start:
+                raise ValueError(
+                    f"position_ids start at {first} but the pruned cache has seen {start} tokens: pass only the new "
+                    f"tokens (generate() re-slices inputs by the stored length of layer 0, which pruning at k=0 "
+                    f"shortened); continue with model(input_ids=new_tokens, cache=..., position_ids=...)")
+        if pos is None and not self.adapter.uses_mrope:
             device = (kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None
                       else kwargs.get("input_ids")).device
             kwargs["position_ids"] = torch.arange(start, start + q, device=device).unsqueeze(0)
-            return (), kwargs
+            return args, kwargs
         return None
+
+    @staticmethod
+    def _unpadded(kwargs) -> bool:
+        mask2d = kwargs.get("attention_mask")
+        return mask2d is None or (isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 and bool(mask2d.all()))
 
     def _after_text_model(self, module, args, kwargs, output):
         req, self.req = self.req, None
@@ -344,8 +358,9 @@ class PruningEngine:
         sub: dict[str, Any] = {}
         mask = kwargs.get("attention_mask")
         valid = layer.slot_valid(extra=q)
-        cols = layer.slot_positions(extra=q, batch=B, device=hidden.device)
         past = layer.logical_length()
+        if mask is not None or valid is not None:
+            cols = layer.slot_positions(extra=q, batch=B, device=hidden.device)
         if mask is not None:
             if mask.shape[-1] != past + q:
                 raise RuntimeError(f"attention mask covers {mask.shape[-1]} keys, expected {past + q} "
