@@ -167,6 +167,8 @@ class FastVStep:
     def select(self, req: Request) -> torch.Tensor | None:
         """(B, Lcur) bool: True = keep. Non-visual slots are always kept."""
         visual = req.visual.gather(1, req.kept) & req.valid
+        if req.hidden_keys is not None:  # tokens an earlier mask-mode step already hid are gone
+            visual &= ~req.hidden_keys.gather(1, req.kept)
         B, Lcur = visual.shape
         if self.config.scorer == "random":
             gen = torch.Generator().manual_seed(self.config.seed)
@@ -185,6 +187,10 @@ class FastVStep:
                     top = _stable_topk(score[b, start:start + n], k)
                     keep_vis[b, start + top] = True
         else:
+            # counts of the current sequence: a second FastV step drops a fraction of what is left
+            counts = visual.sum(1).tolist()
+            self._keep = [keep_count(n, self.config.ratio) for n in counts]
+            self.stats.num_visual, self.stats.keep_count = counts, self._keep
             keep_t = torch.tensor(self._keep, device=visual.device)
             kmax = int(keep_t.max())
             order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :kmax]
