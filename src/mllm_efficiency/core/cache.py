@@ -120,6 +120,20 @@ class TrackedCache(DynamicCache):
         else:
             self.layer_class_to_replicate = TrackedLayer
 
+    @classmethod
+    def adopt(cls, cache: DynamicCache, num_layers: int) -> "TrackedCache":
+        """Turn an empty `DynamicCache` into a TrackedCache in place, so a caller that keeps its own cache
+        object (a manual decode loop, `generate`) sees what the pruned prefill stored."""
+        if cache.get_seq_length() != 0:
+            raise ValueError("only an empty DynamicCache can be tracked")
+        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            raise NotImplementedError("TrackedCache supports full-attention layers only (no sliding window)")
+        cache.__class__ = cls  # same layout (a subclass without new instance state of its own)
+        cache.layers[:] = [TrackedLayer() for _ in range(max(num_layers, len(cache.layers)))]
+        if cache.layer_class_to_replicate is not None:
+            cache.layer_class_to_replicate = TrackedLayer
+        return cache
+
     def _layer(self, layer_idx: int):
         return self.layers[layer_idx] if layer_idx < len(self.layers) else None
 

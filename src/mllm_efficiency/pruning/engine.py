@@ -42,6 +42,13 @@ class Request:
     pruned: bool = False  # the sequence length changed
     position_shift: torch.Tensor | None = None  # (B,) renumbered positions: tokens dropped per sample
     dropped_cum: torch.Tensor | None = None  # (B, L) renumbered positions: dropped tokens up to each position
+    # host-side bookkeeping, so the prefill needs no GPU synchronisation beyond the first visual count
+    lengths: list[int] = dataclasses.field(default_factory=list)  # valid slots per sample
+    visual_counts: list[int] = dataclasses.field(default_factory=list)  # visible visual tokens per sample
+
+    @property
+    def all_slots_valid(self) -> bool:
+        return len(set(self.lengths)) <= 1 and self.hidden_keys is None
 
     @property
     def identity(self) -> bool:
@@ -124,9 +131,12 @@ class PruningEngine:
         self._check_padding(kwargs.get("attention_mask"))
         visual = None if ids is None else self.adapter.visual_mask(ids)
         active = []
+        counts = None
         for step in self.steps:
             step_visual = step.visual_positions(visual, B, L, ref.device)
-            if step.plan(step_visual):
+            if step_visual is not visual or counts is None:
+                counts = step_visual.sum(1).tolist()  # the one synchronisation of a prefill
+            if step.plan(step_visual, counts):
                 active.append(step)
                 visual = step_visual
         if not active:
@@ -135,9 +145,11 @@ class PruningEngine:
         if use_cache is None:
             use_cache = getattr(self.adapter.text_config, "use_cache", True)
         if use_cache:
-            if cache is None or type(cache).__name__ == "DynamicCache":
+            if cache is None:
                 cache = TrackedCache(config=self.adapter.text_config)
                 kwargs[ck] = cache
+            elif type(cache).__name__ == "DynamicCache":
+                cache = TrackedCache.adopt(cache, self.adapter.num_layers)
             elif not isinstance(cache, TrackedCache):
                 raise NotImplementedError(
                     f"token pruning needs a dynamic KV cache; got {type(cache).__name__} "
@@ -146,7 +158,7 @@ class PruningEngine:
             cache = None
         base = torch.arange(L, device=ref.device).unsqueeze(0).expand(B, -1)
         self.req = Request(ids, visual, L, B, cache, base, torch.ones(B, L, dtype=torch.bool, device=ref.device),
-                           active_steps=active)
+                           active_steps=active, lengths=[L] * B, visual_counts=list(counts))
         return args, kwargs
 
     def _check_padding(self, mask2d) -> None:
@@ -232,10 +244,13 @@ class PruningEngine:
         for step in req.active_steps:
             if step.layer != i:
                 continue
-            keep = step.select(req)  # (B, Lcur) bool or None
+            keep, kept_visual = step.select(req)  # (B, Lcur) bool, visual tokens kept per sample
             if keep is None:
                 continue
+            dropped_counts = [n - k for n, k in zip(req.visual_counts, kept_visual)]
+            req.visual_counts = list(kept_visual)
             if step.mode == "inplace":
+                req.lengths = [n - d for n, d in zip(req.lengths, dropped_counts)]
                 hidden = self._shrink(req, keep, hidden)
             else:
                 dropped = _to_original(req, ~keep & req.valid, False)
@@ -257,7 +272,7 @@ class PruningEngine:
     def _shrink(self, req: Request, keep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         keep = keep & req.valid
         counts = keep.sum(1)
-        new_len = int(counts.max())
+        new_len = max(req.lengths)
         # stable order: kept slots in their original order, right-aligned; filler slots (index 0) first
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :new_len]  # kept first
         shift = new_len - counts  # filler count per sample
@@ -283,7 +298,7 @@ class PruningEngine:
         valid = req.valid
         if req.hidden_keys is not None:
             valid = valid & ~req.hidden_keys.gather(1, req.kept)
-        valid_arg = None if bool(valid.all()) else valid
+        valid_arg = None if req.all_slots_valid else valid
         pos_arg = req.kept if req.pruned else None
         for j in range(from_layer, self.adapter.num_layers):
             req.cache.layers[j].set_pending(pos_arg, valid_arg, req.length, req.position_shift)
@@ -314,7 +329,7 @@ class PruningEngine:
                 mask = M.gather_keys(mask, kept)
                 if mask.dim() == 4:
                     mask = M.gather_queries(mask, kept)
-        all_ok = bool(key_ok.all())
+        all_ok = req.all_slots_valid
         if mask is None:
             if all_ok:
                 sub["attention_mask"] = None
@@ -369,7 +384,7 @@ class PruningEngine:
             if valid is not None:
                 mask = M.restrict_keys(mask, valid)
             sub["attention_mask"] = mask
-        elif valid is not None and not bool(valid.all()):
+        elif valid is not None:  # a layer stores prefix_valid only when some slot is invalid
             fmt = M.mask_format(None, self.inner_impl)
             if fmt == "2d":
                 sub["attention_mask"] = valid.to(torch.long)

@@ -97,11 +97,18 @@ class FastVStats:
     scoring_layer: int | None = None
     num_visual: list[int] = dataclasses.field(default_factory=list)
     keep_count: list[int] = dataclasses.field(default_factory=list)
-    kept_visual_positions: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    kept_visual_mask: torch.Tensor | None = None  # (B, L) bool over the original positions
     sequence_length: int = 0
     pruned_length: list[int] = dataclasses.field(default_factory=list)
     cache_lengths: list[int] | None = None
     prefills: int = 0
+
+    @property
+    def kept_visual_positions(self) -> list[torch.Tensor]:
+        """Original positions of the kept visual tokens, one sorted CPU tensor per sample."""
+        if self.kept_visual_mask is None:
+            return []
+        return [row.nonzero().flatten().cpu() for row in self.kept_visual_mask]
 
 
 class FastVStep:
@@ -136,8 +143,7 @@ class FastVStep:
                               f"image tokens found in input_ids: (start, length) per sample = {found}")
         return span
 
-    def plan(self, visual: torch.Tensor) -> bool:
-        counts = visual.sum(1).tolist()
+    def plan(self, visual: torch.Tensor, counts: list[int]) -> bool:
         if sum(counts) == 0:
             if self.config.allow_text_only:
                 return False
@@ -150,7 +156,7 @@ class FastVStep:
         self._visual, self._keep = visual, keep
         st = self.stats
         st.num_visual, st.keep_count, st.sequence_length = counts, keep, visual.shape[1]
-        st.kept_visual_positions, st.pruned_length, st.cache_lengths = [], [], None
+        st.kept_visual_mask, st.pruned_length, st.cache_lengths = None, [], None
         return any(k < n for k, n in zip(keep, counts))
 
     def score(self, req: Request, module, query, key, attention_mask, kwargs) -> torch.Tensor:
@@ -164,8 +170,8 @@ class FastVStep:
         return key_scores(query, key, attention_mask, scaling, cfg.scorer, cfg.head_reduce, cfg.row_reduce,
                           row_start)
 
-    def select(self, req: Request) -> torch.Tensor | None:
-        """(B, Lcur) bool: True = keep. Non-visual slots are always kept."""
+    def select(self, req: Request) -> tuple[torch.Tensor | None, list[int]]:
+        """(B, Lcur) bool (True = keep; non-visual slots are always kept) and visual tokens kept per sample."""
         visual = req.visual.gather(1, req.kept) & req.valid
         if req.hidden_keys is not None:  # tokens an earlier mask-mode step already hid are gone
             visual &= ~req.hidden_keys.gather(1, req.kept)
@@ -180,28 +186,33 @@ class FastVStep:
             score = score[:, -Lcur:].float()
         score = score.masked_fill(~visual, float("-inf"))
         keep_vis = torch.zeros_like(visual)
+        # counts of the current sequence: a second FastV step drops a fraction of what is left
+        counts = list(req.visual_counts)
         if self.config.grouping == "per_span":
+            self._keep = [0] * B
             for b in range(B):
                 for start, n in _spans(visual[b]):
                     k = keep_count(n, self.config.ratio)
                     top = _stable_topk(score[b, start:start + n], k)
                     keep_vis[b, start + top] = True
+                    self._keep[b] += k
         else:
-            # counts of the current sequence: a second FastV step drops a fraction of what is left
-            counts = visual.sum(1).tolist()
             self._keep = [keep_count(n, self.config.ratio) for n in counts]
-            self.stats.num_visual, self.stats.keep_count = counts, self._keep
             keep_t = torch.tensor(self._keep, device=visual.device)
-            kmax = int(keep_t.max())
+            kmax = max(self._keep)
             order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :kmax]
             chosen = torch.arange(kmax, device=visual.device).unsqueeze(0) < keep_t.unsqueeze(1)
             keep_vis.scatter_(1, order, chosen)
         st = self.stats
-        orig = req.kept
-        st.kept_visual_positions = [orig[b][keep_vis[b]].sort().values.cpu() for b in range(B)]
-        keep = ~visual | keep_vis
-        st.pruned_length = (keep & req.valid).sum(1).tolist()
-        return keep
+        st.num_visual, st.keep_count = counts, list(self._keep)
+        mask = torch.zeros(B, req.length + 1, dtype=torch.bool, device=visual.device)
+        mask.scatter_(1, torch.where(req.valid, req.kept, req.length), keep_vis)
+        st.kept_visual_mask = mask[:, :req.length]
+        if self.mode == "inplace":
+            st.pruned_length = [n - (c - k) for n, c, k in zip(req.lengths, counts, self._keep)]
+        else:
+            st.pruned_length = list(req.lengths)
+        return ~visual | keep_vis, list(self._keep)
 
     def finish(self, req: Request, cache_lengths: list[int] | None) -> None:
         self.stats.cache_lengths = cache_lengths
