@@ -45,6 +45,7 @@ class Request:
     # host-side bookkeeping, so the prefill needs no GPU synchronisation beyond the first visual count
     lengths: list[int] = dataclasses.field(default_factory=list)  # valid slots per sample
     visual_counts: list[int] = dataclasses.field(default_factory=list)  # visible visual tokens per sample
+    padding: list[int] = dataclasses.field(default_factory=list)  # left-padding tokens per sample
 
     @property
     def all_slots_valid(self) -> bool:
@@ -128,7 +129,11 @@ class PruningEngine:
             return self._continue(cache, args, kwargs, L)
         if ids is not None and ids.shape[1] != L:
             ids = None  # ids do not describe this forward (e.g. embeddings passed directly)
-        self._check_padding(kwargs.get("attention_mask"))
+        mask2d = kwargs.get("attention_mask")
+        self._check_padding(mask2d)
+        padding = [0] * B
+        if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2:
+            padding = (mask2d.shape[1] - mask2d.sum(1)).tolist()
         visual = None if ids is None else self.adapter.visual_mask(ids)
         active = []
         counts = None
@@ -136,7 +141,7 @@ class PruningEngine:
             step_visual = step.visual_positions(visual, B, L, ref.device)
             if step_visual is not visual or counts is None:
                 counts = step_visual.sum(1).tolist()  # the one synchronisation of a prefill
-            if step.plan(step_visual, counts):
+            if step.plan(step_visual, counts, [L - p for p in padding]):
                 active.append(step)
                 visual = step_visual
         if not active:
@@ -158,7 +163,7 @@ class PruningEngine:
             cache = None
         base = torch.arange(L, device=ref.device).unsqueeze(0).expand(B, -1)
         self.req = Request(ids, visual, L, B, cache, base, torch.ones(B, L, dtype=torch.bool, device=ref.device),
-                           active_steps=active, lengths=[L] * B, visual_counts=list(counts))
+                           active_steps=active, lengths=[L] * B, visual_counts=list(counts), padding=padding)
         return args, kwargs
 
     def _check_padding(self, mask2d) -> None:

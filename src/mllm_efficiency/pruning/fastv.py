@@ -99,7 +99,7 @@ class FastVStats:
     keep_count: list[int] = dataclasses.field(default_factory=list)
     kept_visual_mask: torch.Tensor | None = None  # (B, L) bool over the original positions
     sequence_length: int = 0
-    pruned_length: list[int] = dataclasses.field(default_factory=list)
+    pruned_length: list[int] = dataclasses.field(default_factory=list)  # real (unpadded) tokens after pruning
     cache_lengths: list[int] | None = None
     prefills: int = 0
 
@@ -126,6 +126,8 @@ class FastVStep:
     def visual_positions(self, detected: torch.Tensor | None, B: int, L: int, device) -> torch.Tensor:
         cfg = self.config
         if cfg.image_token_start_index is None:
+            if detected is None and cfg.allow_text_only:
+                return torch.zeros(B, L, dtype=torch.bool, device=device)
             if detected is None:
                 raise NoVisualTokensError(
                     "no image or video tokens found: the model config names no image token id and no "
@@ -143,7 +145,9 @@ class FastVStep:
                               f"image tokens found in input_ids: (start, length) per sample = {found}")
         return span
 
-    def plan(self, visual: torch.Tensor, counts: list[int]) -> bool:
+    def plan(self, visual: torch.Tensor, counts: list[int], real_lengths: list[int]) -> bool:
+        """Called at each fresh prefill; returns whether this step drops anything. Stats describe a no-op
+        (everything kept) until `select` runs."""
         if sum(counts) == 0:
             if self.config.allow_text_only:
                 return False
@@ -156,7 +160,7 @@ class FastVStep:
         self._visual, self._keep = visual, keep
         st = self.stats
         st.num_visual, st.keep_count, st.sequence_length = counts, keep, visual.shape[1]
-        st.kept_visual_mask, st.pruned_length, st.cache_lengths = None, [], None
+        st.kept_visual_mask, st.pruned_length, st.cache_lengths = visual, list(real_lengths), None
         return any(k < n for k, n in zip(keep, counts))
 
     def score(self, req: Request, module, query, key, attention_mask, kwargs) -> torch.Tensor:
@@ -208,10 +212,11 @@ class FastVStep:
         mask = torch.zeros(B, req.length + 1, dtype=torch.bool, device=visual.device)
         mask.scatter_(1, torch.where(req.valid, req.kept, req.length), keep_vis)
         st.kept_visual_mask = mask[:, :req.length]
+        real = [n - p for n, p in zip(req.lengths, req.padding)]
         if self.mode == "inplace":
-            st.pruned_length = [n - (c - k) for n, c, k in zip(req.lengths, counts, self._keep)]
+            st.pruned_length = [n - (c - k) for n, c, k in zip(real, counts, self._keep)]
         else:
-            st.pruned_length = list(req.lengths)
+            st.pruned_length = real
         return ~visual | keep_vis, list(self._keep)
 
     def finish(self, req: Request, cache_lengths: list[int] | None) -> None:

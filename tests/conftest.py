@@ -1,0 +1,159 @@
+"""Shared fixtures for the FastV test suite.
+
+Models are tiny random-weight builds from `mllm_efficiency.testing` (seeded, CPU). The session-scoped
+models are shared between tests, so every test must detach what it attaches: use the `attach` fixture
+(detaches at teardown) or `with me.apply(...)`. An autouse guard fails a test that leaves a pruning
+engine or a switched attention implementation behind on a shared model.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mllm_efficiency as me
+from mllm_efficiency.testing import IMAGE_TOKEN, llava_prompt, tiny_llama_lm, tiny_llava, tiny_qwen2_lm  # noqa: F401
+
+torch.set_num_threads(2)
+
+NUM_LAYERS = 4
+ENGINE_ATTR = "_mllm_eff_pruning_engine"  # where the library keeps its engine (checked by the leak guard)
+
+
+def keep_rule(n: int, ratio: float) -> int:
+    """The spec's keep rule, written out here: clamp(round(N * (1 - R)), 1, N), Python round."""
+    if n == 0:
+        return 0
+    return min(n, max(1, round(n * (1 - ratio))))
+
+
+def cache_of(out):
+    """The KV cache of a model output (transformers 5.24 names it `cache`, earlier 5.x `past_key_values`)."""
+    c = getattr(out, "cache", None)
+    if c is None:
+        c = out["past_key_values"]
+    return c
+
+
+def text_model_of(model):
+    return model.model.language_model if hasattr(model.model, "language_model") else model.model
+
+
+def text_impl(model) -> str:
+    return text_model_of(model).config._attn_implementation
+
+
+def pad_left(seqs, pad_id: int = 0):
+    """Left-pad 1-row id tensors into one batch; returns (input_ids, attention_mask)."""
+    L = max(s.shape[1] for s in seqs)
+    ids, mask = [], []
+    for s in seqs:
+        n = L - s.shape[1]
+        ids.append(torch.cat([torch.full((1, n), pad_id, dtype=torch.long), s], 1))
+        mask.append(torch.cat([torch.zeros(1, n, dtype=torch.long), torch.ones_like(s)], 1))
+    return torch.cat(ids), torch.cat(mask)
+
+
+def greedy(model, max_new_tokens: int = 4, **inputs) -> torch.Tensor:
+    """Greedy generate; returns only the new tokens."""
+    L = inputs["input_ids"].shape[1]
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens)
+    return out[:, L:]
+
+
+def apply_quiet(model, **cfg):
+    """me.apply(model, 'fastv', ...) without the mode='mask' no-speedup warning reaching the output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return me.apply(model, "fastv", **cfg)
+
+
+@pytest.fixture(scope="session")
+def llava():
+    """Tiny LLaVA (4-layer Llama text model, sdpa), 16 image tokens per 32x32 image, image token 127."""
+    return tiny_llava(num_layers=NUM_LAYERS, attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="session")
+def llava_eager():
+    """Same weights as `llava` (same seed), eager attention."""
+    return tiny_llava(num_layers=NUM_LAYERS, attn_implementation="eager")
+
+
+@pytest.fixture(scope="session")
+def qwen2():
+    return tiny_qwen2_lm(num_layers=NUM_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def llama_text():
+    return tiny_llama_lm(num_layers=NUM_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def prompt1():
+    """One image: 3 text + 16 image + 3 text = 22 tokens; visual positions 3..18."""
+    ids, pv = llava_prompt(num_images=1, seed=0)
+    return dict(input_ids=ids, pixel_values=pv)
+
+
+@pytest.fixture(scope="session")
+def prompt2():
+    """Two images with two text tokens between them: 3 + 16 + 2 + 16 + 3 = 40 tokens."""
+    ids, pv = llava_prompt(num_images=2, seed=1)
+    return dict(input_ids=ids, pixel_values=pv)
+
+
+@pytest.fixture(scope="session")
+def prompt3():
+    """Three images (N = 48), 3 + 16 + 2 + 16 + 2 + 16 + 3 = 58 tokens."""
+    ids, pv = llava_prompt(num_images=3, seed=2)
+    return dict(input_ids=ids, pixel_values=pv)
+
+
+@pytest.fixture
+def attach():
+    """attach(model, **cfg) -> handle; every handle is removed at teardown (even when the test fails)."""
+    handles = []
+
+    def _attach(model, **cfg):
+        h = apply_quiet(model, **cfg)
+        handles.append(h)
+        return h
+
+    yield _attach
+    for h in reversed(handles):
+        h.remove()
+
+
+_SHARED = ("llava", "llava_eager", "qwen2", "llama_text")
+
+
+_OWN_MODULES = {"test_api", "test_fastv", "test_fastv_reference", "test_fastv_batch"}
+
+
+@pytest.fixture(autouse=True)
+def _no_grad(request):
+    """Inference only in the FastV tests (other test modules in this folder are left alone)."""
+    if request.module.__name__.rsplit(".", 1)[-1] in _OWN_MODULES:
+        with torch.no_grad():
+            yield
+    else:
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_hooks(request):
+    """Fail loudly if a test leaves FastV attached to a shared session model."""
+    yield
+    for name in _SHARED:
+        if name in request.fixturenames:
+            model = request.getfixturevalue(name)
+            tm = text_model_of(model)
+            assert not hasattr(tm, ENGINE_ATTR), f"{request.node.name} left a pruning engine on {name}"
+            assert not tm.config._attn_implementation.startswith("mllm_eff_"), (
+                f"{request.node.name} left the attention wrapper on {name}")
+
+
+__all__ = ["IMAGE_TOKEN", "keep_rule", "cache_of", "pad_left", "greedy", "apply_quiet", "text_impl"]
