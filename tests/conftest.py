@@ -28,6 +28,17 @@ def keep_rule(n: int, ratio: float) -> int:
     return min(n, max(1, round(n * (1 - ratio))))
 
 
+def _cache_kwarg() -> str:
+    import inspect
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+# the cache argument's name: `cache` from transformers 5.24, `past_key_values` before
+CACHE_KW = _cache_kwarg()
+
+
 def cache_of(out):
     """The KV cache of a model output (transformers 5.24 names it `cache`, earlier 5.x `past_key_values`)."""
     c = getattr(out, "cache", None)

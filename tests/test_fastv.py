@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import mllm_efficiency as me
-from conftest import NUM_LAYERS, apply_quiet, cache_of, greedy, keep_rule, pad_left, text_impl
+from conftest import CACHE_KW, NUM_LAYERS, apply_quiet, cache_of, greedy, keep_rule, pad_left, text_impl
 from mllm_efficiency.testing import IMAGE_TOKEN, llava_prompt, tiny_llava
 
 KR = [(1, 0.5), (2, 0.25), (2, 0.75), (3, 0.5), (3, 0.9)]
@@ -347,7 +347,7 @@ def test_static_cache_raises(llava, prompt1, attach):
 
     attach(llava, k=2, ratio=0.5)
     with pytest.raises(NotImplementedError, match="(?i)cache"):
-        llava(**prompt1, cache=StaticCache(config=llava.config, max_cache_len=64), use_cache=True)
+        llava(**prompt1, **{CACHE_KW: StaticCache(config=llava.config, max_cache_len=64)}, use_cache=True)
     with pytest.raises(NotImplementedError, match="(?i)cache"):
         llava.generate(**prompt1, max_new_tokens=2, cache_implementation="static")
 
@@ -359,13 +359,13 @@ def test_user_dynamic_cache_is_filled(llava, prompt1, attach):
     attach(llava, k=2, ratio=0.75)
     expected = greedy(llava, 4, **prompt1)
     cache = DynamicCache()
-    out = llava(**prompt1, cache=cache, use_cache=True)
+    out = llava(**prompt1, **{CACHE_KW: cache}, use_cache=True)
     assert [cache.get_seq_length(i) for i in range(NUM_LAYERS)] == [22, 22, 10, 10]
     tokens = []
     for _ in range(4):
         tok = out.logits[:, -1:].argmax(-1)
         tokens.append(int(tok))
-        out = llava(input_ids=tok, cache=cache, use_cache=True)
+        out = llava(input_ids=tok, **{CACHE_KW: cache}, use_cache=True)
     assert tokens == expected[0].tolist()
     assert [cache.get_seq_length(i) for i in range(NUM_LAYERS)] == [26, 26, 14, 14]
 

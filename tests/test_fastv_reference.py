@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import apply_quiet, cache_of, keep_rule
+from conftest import CACHE_KW, apply_quiet, cache_of, keep_rule
 from mllm_efficiency.testing import IMAGE_TOKEN
 
 DT = torch.float64
@@ -390,7 +390,7 @@ def test_manual_decode_loop_on_returned_cache_matches_reference(llava, prompt2, 
         for _ in range(3):
             tok = logits[-1].argmax().view(1, 1)
             tokens.append(int(tok))
-            out = llava(input_ids=tok, cache=cache, use_cache=True)
+            out = llava(input_ids=tok, **{CACHE_KW: cache}, use_cache=True)
             cache = cache_of(out)
             logits.append(out.logits[0, -1])
     ref = reference_greedy_scores(dec, emb2, visual_of(prompt2), 2, kept, tokens + [0])
@@ -405,7 +405,7 @@ def test_multi_token_continuation_matches_reference(llava, prompt1, dec, emb1, k
     with apply_quiet(llava, k=k, ratio=0.75, scorer="random" if k == 0 else "last_row") as h:
         out = llava(**prompt1, use_cache=True)
         kept = h.stats.kept_visual_positions[0].tolist()
-        out2 = llava(input_ids=new, cache=cache_of(out), use_cache=True)
+        out2 = llava(input_ids=new, **{CACHE_KW: cache_of(out)}, use_cache=True)
     lengths = [layer.keys.shape[-2] for layer in cache_of(out2).layers]
     assert lengths == [22 + 3] * k + [10 + 3] * (4 - k)
     seq = torch.cat([emb1.to(DT), dec.embed[new[0]]])
@@ -428,7 +428,7 @@ def test_second_turn_generate_on_pruned_cache_matches_reference(llava, prompt1, 
                            return_dict_in_generate=True)
         kept = h.stats.kept_visual_positions[0].tolist()
         seq = torch.cat([g.sequences, torch.tensor([[40, 41]])], 1)
-        g2 = llava.generate(input_ids=seq, cache=_gen_cache(g), max_new_tokens=3, min_new_tokens=3,
+        g2 = llava.generate(input_ids=seq, **{CACHE_KW: _gen_cache(g)}, max_new_tokens=3, min_new_tokens=3,
                             do_sample=False, output_logits=True, return_dict_in_generate=True)
         assert h.stats.prefills == 1  # the second turn is a continuation, not a new prefill
     toks = g2.sequences[0, 22:].tolist()
@@ -448,7 +448,7 @@ def test_second_turn_generate_refused_at_k0(llava, prompt1):
                            return_dict_in_generate=True)
         seq = torch.cat([g.sequences, torch.tensor([[40, 41]])], 1)
         with pytest.raises(ValueError, match="position_ids"):
-            llava.generate(input_ids=seq, cache=_gen_cache(g), max_new_tokens=2, do_sample=False)
+            llava.generate(input_ids=seq, **{CACHE_KW: _gen_cache(g)}, max_new_tokens=2, do_sample=False)
 
 
 # --------------------------------------------------------------------------------------------- Qwen2 text model
