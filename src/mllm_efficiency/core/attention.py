@@ -46,8 +46,11 @@ def _ensure_registered(inner: str) -> str:
         raise ValueError(f"attn_implementation {inner!r} cannot be wrapped; registered: "
                          f"{sorted(ALL_ATTENTION_FUNCTIONS.valid_keys())}")
 
+    fixed = None if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
+
     def attention(module, query, key, value, attention_mask, **kwargs):
-        output = _resolve_inner(inner, module)(module, query, key, value, attention_mask, **kwargs)
+        fn = fixed if fixed is not None else _resolve_inner(inner, module)
+        output = fn(module, query, key, value, attention_mask, **kwargs)
         hub = getattr(module, _HUB_ATTR, None)
         if hub is not None and hub.callbacks:
             for callback in hub.callbacks:

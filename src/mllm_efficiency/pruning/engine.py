@@ -64,6 +64,7 @@ class PruningEngine:
         self.req: Request | None = None
         self._input_ids: torch.Tensor | None = None
         self._decode_memo: dict = {}
+        self._decode_plain = False
         self._hub = AttentionHub.acquire(adapter)
         self._hub.add_callback(self._on_attention)
         text = adapter.text_model
@@ -109,6 +110,7 @@ class PruningEngine:
     def _on_text_model(self, module, args, kwargs):
         self.req = None
         self._decode_memo = {}
+        self._decode_plain = False
         ids = kwargs.get("input_ids", args[0] if args else None)
         if isinstance(ids, torch.Tensor):
             self._input_ids = ids
@@ -176,6 +178,10 @@ class PruningEngine:
         """A decode step or a later turn on a cache some layers of which were pruned."""
         if not isinstance(cache, TrackedCache):
             return None
+        # layers then need work only for a mask to translate, invalid slots or shifted positions
+        self._decode_plain = not any(
+            isinstance(layer, TrackedLayer) and (layer.prefix_valid is not None or layer.position_shift is not None)
+            for layer in cache.layers)
         start = cache.logical_length
         pos = kwargs.get("position_ids")
         if q > 1 and isinstance(pos, torch.Tensor) and not self.adapter.uses_mrope and self._unpadded(kwargs):
@@ -233,6 +239,8 @@ class PruningEngine:
         def hook(module, args, kwargs):
             if self.req is not None:
                 return self._prefill_layer(i, args, kwargs)
+            if self._decode_plain and kwargs.get("attention_mask") is None:
+                return None
             cache = kwargs.get(self.adapter.cache_kwarg)
             if isinstance(cache, TrackedCache) and i < len(cache.layers):
                 layer = cache.layers[i]
