@@ -1,13 +1,14 @@
 """The token-pruning engine: one per model, shared by every pruning method attached to it.
 
-Methods contribute *steps* (FastV: "from layer K keep these tokens"). The engine owns the hooks:
-- a pre-hook on the entry model records `input_ids` (the text model of a VLM only sees embeddings);
-- a pre-hook on the text model starts a request at each fresh prefill and swaps in a `TrackedCache`;
+Methods contribute *steps* (FastV: "from layer K keep these tokens"). At each fresh prefill the engine
+plans the steps, gets a `TrackedCache` from the shared `ModelContext`, and through its hooks:
 - the attention wrapper (core.attention) hands post-RoPE q/k of scoring layers to the steps;
-- pre-hooks on decoder layers shorten hidden states, RoPE cos/sin, position ids and the mask
-  (prefill), or translate the model's logical mask to each layer's stored slots (decoding);
+- pre-hooks on decoder layers shorten hidden states, RoPE cos/sin, position ids and the mask, and tell
+  the cache which original positions each later layer stores;
 - a hook on the final norm scatters the short sequence back to the prompt length.
-With no step acting on a request (ratio 0, keep == N) nothing is substituted: outputs are unchanged.
+Decode steps and later turns need nothing from the engine: the `ModelContext` translates masks for the
+layers the cache marks as pruned. With no step acting on a request (ratio 0, keep == N) nothing is
+substituted: outputs are unchanged.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from torch import nn
 
 from ..core import masks as M
 from ..core.attention import AttentionHub
-from ..core.cache import TrackedCache, TrackedLayer
+from ..core.cache import TrackedCache
+from ..core.context import ModelContext
 
 _ENGINE_ATTR = "_mllm_eff_pruning_engine"
 
@@ -62,15 +64,11 @@ class PruningEngine:
         self.adapter = adapter
         self.steps: list = []
         self.req: Request | None = None
-        self._input_ids: torch.Tensor | None = None
-        self._decode_memo: dict = {}
-        self._decode_plain = False
+        self._ctx = ModelContext.acquire(adapter)
         self._hub = AttentionHub.acquire(adapter)
         self._hub.add_callback(self._on_attention)
         text = adapter.text_model
         self._handles = []
-        if adapter.model is not text:
-            self._handles.append(adapter.model.register_forward_pre_hook(self._on_entry, with_kwargs=True))
         self._handles.append(text.register_forward_pre_hook(self._on_text_model, with_kwargs=True))
         self._handles.append(text.register_forward_hook(self._after_text_model, with_kwargs=True))
         self._handles.append(text.norm.register_forward_hook(self._on_final_norm))
@@ -96,41 +94,25 @@ class PruningEngine:
             h.remove()
         self._hub.remove_callback(self._on_attention)
         self._hub.release()
+        self._ctx.release()
         delattr(self.adapter.text_model, _ENGINE_ATTR)
 
     @property
     def inner_impl(self) -> str:
-        return self._hub.inner
+        return self._ctx.inner_impl
 
     # ----------------------------------------------------------------- entry and text model
-    def _on_entry(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self._input_ids = ids if isinstance(ids, torch.Tensor) else None
-
     def _on_text_model(self, module, args, kwargs):
+        """A fresh prefill (the context hook ran first): plan the steps, start a request."""
         self.req = None
-        self._decode_memo = {}
-        self._decode_plain = False
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if isinstance(ids, torch.Tensor):
-            self._input_ids = ids
-        ids, self._input_ids = self._input_ids, None
+        if not self._ctx.fresh:
+            return None
+        ids = self._ctx.input_ids
         embeds = kwargs.get("inputs_embeds")
         ref = embeds if embeds is not None else ids
         if ref is None:
             return None
         B, L = ref.shape[0], ref.shape[1]
-        ck = self.adapter.cache_kwarg
-        cache = kwargs.get(ck)
-        if cache is not None and not hasattr(cache, "get_seq_length"):
-            return None
-        past = 0
-        if cache is not None:
-            past = cache.logical_length if isinstance(cache, TrackedCache) else cache.get_seq_length()
-        if past > 0:
-            return self._continue(cache, args, kwargs, L)
-        if ids is not None and ids.shape[1] != L:
-            ids = None  # ids do not describe this forward (e.g. embeddings passed directly)
         mask2d = kwargs.get("attention_mask")
         self._check_padding(mask2d)
         padding = [0] * B
@@ -148,21 +130,7 @@ class PruningEngine:
                 visual = step_visual
         if not active:
             return None
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(self.adapter.text_config, "use_cache", True)
-        if use_cache:
-            if cache is None:
-                cache = TrackedCache(config=self.adapter.text_config)
-                kwargs[ck] = cache
-            elif type(cache).__name__ == "DynamicCache":
-                cache = TrackedCache.adopt(cache, self.adapter.num_layers)
-            elif not isinstance(cache, TrackedCache):
-                raise NotImplementedError(
-                    f"token pruning needs a dynamic KV cache; got {type(cache).__name__} "
-                    "(StaticCache and quantized caches are not supported; use cache_implementation='dynamic')")
-        else:
-            cache = None
+        cache = self._ctx.ensure_tracked_cache(kwargs, "token pruning")
         base = torch.arange(L, device=ref.device).unsqueeze(0).expand(B, -1)
         self.req = Request(ids, visual, L, B, cache, base, torch.ones(B, L, dtype=torch.bool, device=ref.device),
                            active_steps=active, lengths=[L] * B, visual_counts=list(counts), padding=padding)
@@ -173,36 +141,6 @@ class PruningEngine:
             if bool((mask2d[:, -1] == 0).any()):
                 raise ValueError("attention_mask: right padding is not supported by token pruning; "
                                  "pad on the left (tokenizer.padding_side = 'left')")
-
-    def _continue(self, cache, args, kwargs, q: int):
-        """A decode step or a later turn on a cache some layers of which were pruned."""
-        if not isinstance(cache, TrackedCache):
-            return None
-        # layers then need work only for a mask to translate, invalid slots or shifted positions
-        self._decode_plain = not any(
-            isinstance(layer, TrackedLayer) and (layer.prefix_valid is not None or layer.position_shift is not None)
-            for layer in cache.layers)
-        start = cache.logical_length
-        pos = kwargs.get("position_ids")
-        if q > 1 and isinstance(pos, torch.Tensor) and not self.adapter.uses_mrope and self._unpadded(kwargs):
-            # a multi-token continuation (next turn); single decode steps skip this check to avoid a GPU sync
-            first = int(pos.reshape(-1, pos.shape[-1])[:, 0].min())
-            if first != start:
-                raise ValueError(
-                    f"position_ids start at {first} but the pruned cache has seen {start} tokens: pass only the new "
-                    f"tokens (generate() re-slices inputs by the stored length of layer 0, which pruning at k=0 "
-                    f"shortened); continue with model(input_ids=new_tokens, cache=..., position_ids=...)")
-        if pos is None and not self.adapter.uses_mrope:
-            device = (kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None
-                      else kwargs.get("input_ids")).device
-            kwargs["position_ids"] = torch.arange(start, start + q, device=device).unsqueeze(0)
-            return args, kwargs
-        return None
-
-    @staticmethod
-    def _unpadded(kwargs) -> bool:
-        mask2d = kwargs.get("attention_mask")
-        return mask2d is None or (isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 and bool(mask2d.all()))
 
     def _after_text_model(self, module, args, kwargs, output):
         req, self.req = self.req, None
@@ -239,13 +177,6 @@ class PruningEngine:
         def hook(module, args, kwargs):
             if self.req is not None:
                 return self._prefill_layer(i, args, kwargs)
-            if self._decode_plain and kwargs.get("attention_mask") is None:
-                return None
-            cache = kwargs.get(self.adapter.cache_kwarg)
-            if isinstance(cache, TrackedCache) and i < len(cache.layers):
-                layer = cache.layers[i]
-                if isinstance(layer, TrackedLayer) and layer.is_tracked:
-                    return self._decode_layer(layer, args, kwargs)
             return None
 
         return hook
@@ -366,54 +297,6 @@ class PruningEngine:
             raise NotImplementedError("positions='renumber' needs 1-D RoPE position ids")
         pos = pos_ids.expand(req.batch, -1)
         return pos.gather(1, req.kept) - req.dropped_cum.gather(1, req.kept)
-
-    def _decode_layer(self, layer: TrackedLayer, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        B, q = hidden.shape[0], hidden.shape[1]
-        mask = kwargs.get("attention_mask")
-        key = (id(layer.prefix_pos), id(layer.prefix_valid), layer.get_seq_length(), q, id(mask))
-        sub = self._decode_memo.get(key)
-        if sub is None:
-            sub = self._decode_substitute(layer, hidden, kwargs, B, q)
-            self._decode_memo[key] = sub
-        if not sub:
-            return None
-        new_kwargs = dict(kwargs)
-        new_kwargs.update(sub)
-        return args, new_kwargs
-
-    def _decode_substitute(self, layer: TrackedLayer, hidden, kwargs, B: int, q: int) -> dict:
-        sub: dict[str, Any] = {}
-        mask = kwargs.get("attention_mask")
-        valid = layer.slot_valid(extra=q)
-        past = layer.logical_length()
-        if mask is not None or valid is not None:
-            cols = layer.slot_positions(extra=q, batch=B, device=hidden.device)
-        if mask is not None:
-            if mask.shape[-1] != past + q:
-                raise RuntimeError(f"attention mask covers {mask.shape[-1]} keys, expected {past + q} "
-                                   "(logical length of the pruned cache + new tokens)")
-            mask = M.gather_keys(mask, cols.expand(B, -1))
-            if valid is not None:
-                mask = M.restrict_keys(mask, valid)
-            sub["attention_mask"] = mask
-        elif valid is not None:  # a layer stores prefix_valid only when some slot is invalid
-            fmt = M.mask_format(None, self.inner_impl)
-            if fmt == "2d":
-                sub["attention_mask"] = valid.to(torch.long)
-            else:
-                q_pos = torch.arange(past, past + q, device=hidden.device).unsqueeze(0).expand(B, -1)
-                allowed = M.causal_allowed(q_pos, cols.expand(B, -1)) & valid[:, None, None, :]
-                sub["attention_mask"] = M.to_backend(allowed, fmt, hidden.dtype)
-        if layer.position_shift is not None:
-            pos_ids = kwargs.get("position_ids")
-            if pos_ids is None:
-                pos_ids = torch.arange(past, past + q, device=hidden.device).unsqueeze(0)
-            new_pos = pos_ids.expand(B, -1) - layer.position_shift.to(pos_ids.device).unsqueeze(1)
-            sub["position_ids"] = new_pos
-            sub["position_embeddings"] = self.adapter.text_model.rotary_emb(hidden, new_pos)
-        return sub
-
 
 def _to_original(req: Request, values: torch.Tensor, absent) -> torch.Tensor:
     """Scatter per-slot bools (B, Lcur) to original positions (B, L); positions without a slot get `absent`."""
