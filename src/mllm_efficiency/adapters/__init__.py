@@ -7,16 +7,28 @@ from ..errors import UnsupportedModelError
 from .base import ModelAdapter
 
 # decoder stack class name -> family
-DECODER_FAMILIES = {"LlamaModel": "llama", "Qwen2Model": "qwen2", "MistralModel": "mistral"}
-VLM_WRAPPERS = ("LlavaForConditionalGeneration", "LlavaModel")
+DECODER_FAMILIES = {"LlamaModel": "llama", "Qwen2Model": "qwen2", "MistralModel": "mistral",
+                    "Qwen2VLTextModel": "qwen2_vl", "Qwen2_5_VLTextModel": "qwen2_5_vl"}
+MROPE_DECODERS = {"Qwen2VLTextModel", "Qwen2_5_VLTextModel"}
+# VLM class name -> family; the text model is `<outer>.model.language_model` (or `<inner>.language_model`)
+VLM_WRAPPERS = {
+    "LlavaForConditionalGeneration": "llava", "LlavaModel": "llava",
+    "LlavaNextForConditionalGeneration": "llava_next", "LlavaNextModel": "llava_next",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision", "LlavaOnevisionModel": "llava_onevision",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2VLModel": "qwen2_vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwen2_5_VLModel": "qwen2_5_vl",
+}
 
 
 class DecoderLMAdapter(ModelAdapter):
     """Text LLMs (Llama, Qwen2, Mistral). Visual tokens exist only if the config names an image token id."""
 
 
-class LlavaAdapter(ModelAdapter):
-    family = "llava"
+class VLMAdapter(ModelAdapter):
+    """LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL: visual tokens are every position holding the
+    config's image or video token id (anyres tiles, newline features and video frames included; Qwen's
+    vision start/end markers are text). Qwen2-VL's text model receives M-RoPE position ids from its wrapper;
+    pruning gathers their columns (through cos/sin) and never renumbers them."""
 
 
 def _class_names(obj) -> set[str]:
@@ -24,22 +36,25 @@ def _class_names(obj) -> set[str]:
 
 
 def supported_models() -> list[str]:
-    return sorted(set(DECODER_FAMILIES) | {n.replace("Model", "ForCausalLM") for n in DECODER_FAMILIES}
-                  | set(VLM_WRAPPERS))
+    causal = {n.replace("Model", "ForCausalLM") for n in ("LlamaModel", "Qwen2Model", "MistralModel")}
+    return sorted(causal | {"LlamaModel", "Qwen2Model", "MistralModel"} | set(VLM_WRAPPERS))
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
     names = _class_names(model)
-    if names & set(VLM_WRAPPERS):
-        inner = model.model if "LlavaForConditionalGeneration" in names else model
+    wrapper = next((n for n in VLM_WRAPPERS if n in names), None)
+    if wrapper is not None:
+        inner = model.model if wrapper.endswith("ForConditionalGeneration") else model
         text = inner.language_model
         _check_decoder(text, model)
         cfg = model.config
         ids = [getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None)]
-        adapter = LlavaAdapter(model, text, ids)
+        adapter = VLMAdapter(model, text, ids)
+        adapter.family = VLM_WRAPPERS[wrapper]
+        adapter.uses_mrope = bool(_class_names(text) & MROPE_DECODERS)
         return adapter
     text = model
-    if not (_class_names(model) & set(DECODER_FAMILIES)):
+    if not (names & set(DECODER_FAMILIES)):
         text = getattr(model, "model", None)
     if text is None or not (_class_names(text) & set(DECODER_FAMILIES)):
         raise UnsupportedModelError(
@@ -47,6 +62,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         )
     adapter = DecoderLMAdapter(model, text, [getattr(model.config, "image_token_id", None)])
     adapter.family = DECODER_FAMILIES[next(iter(_class_names(text) & set(DECODER_FAMILIES)))]
+    adapter.uses_mrope = bool(_class_names(text) & MROPE_DECODERS)
     return adapter
 
 
