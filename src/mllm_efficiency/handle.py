@@ -15,6 +15,12 @@ class MethodHandle:
     def stats(self):
         return self._attached.stats
 
+    def __getattr__(self, name: str):
+        # method-specific calls (e.g. SimIgnore's set_text) live on the attached object
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._attached, name)
+
     @property
     def active(self) -> bool:
         return not self._removed

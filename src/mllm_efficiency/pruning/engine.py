@@ -47,6 +47,7 @@ class Request:
     # host-side bookkeeping, so the prefill needs no GPU synchronisation beyond the first visual count
     lengths: list[int] = dataclasses.field(default_factory=list)  # valid slots per sample
     visual_counts: list[int] = dataclasses.field(default_factory=list)  # visible visual tokens per sample
+    prompt_visual_counts: list[int] = dataclasses.field(default_factory=list)  # visual tokens of the prompt
     padding: list[int] = dataclasses.field(default_factory=list)  # left-padding tokens per sample
 
     @property
@@ -133,7 +134,8 @@ class PruningEngine:
         cache = self._ctx.ensure_tracked_cache(kwargs, "token pruning")
         base = torch.arange(L, device=ref.device).unsqueeze(0).expand(B, -1)
         self.req = Request(ids, visual, L, B, cache, base, torch.ones(B, L, dtype=torch.bool, device=ref.device),
-                           active_steps=active, lengths=[L] * B, visual_counts=list(counts), padding=padding)
+                           active_steps=active, lengths=[L] * B, visual_counts=list(counts), padding=padding,
+                           prompt_visual_counts=list(counts))
         return args, kwargs
 
     def _check_padding(self, mask2d) -> None:
@@ -188,7 +190,7 @@ class PruningEngine:
         for step in req.active_steps:
             if step.layer != i:
                 continue
-            keep, kept_visual = step.select(req)  # (B, Lcur) bool, visual tokens kept per sample
+            keep, kept_visual = step.select(req, hidden)  # (B, Lcur) bool, visual tokens kept per sample
             if keep is None:
                 continue
             dropped_counts = [n - k for n, k in zip(req.visual_counts, kept_visual)]

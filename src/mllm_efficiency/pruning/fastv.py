@@ -174,7 +174,7 @@ class FastVStep:
         return key_scores(query, key, attention_mask, scaling, cfg.scorer, cfg.head_reduce, cfg.row_reduce,
                           row_start)
 
-    def select(self, req: Request) -> tuple[torch.Tensor | None, list[int]]:
+    def select(self, req: Request, hidden: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
         """(B, Lcur) bool (True = keep; non-visual slots are always kept) and visual tokens kept per sample."""
         visual = req.visual.gather(1, req.kept) & req.valid
         if req.hidden_keys is not None:  # tokens an earlier mask-mode step already hid are gone
@@ -190,8 +190,10 @@ class FastVStep:
             score = score[:, -Lcur:].float()
         score = score.masked_fill(~visual, float("-inf"))
         keep_vis = torch.zeros_like(visual)
-        # counts of the current sequence: a second FastV step drops a fraction of what is left
+        # R is relative to the prompt's visual tokens (so simignore + fastv keep FastV's meaning); an earlier
+        # step may already have removed more than that
         counts = list(req.visual_counts)
+        targets = [min(keep_count(n, self.config.ratio), c) for n, c in zip(req.prompt_visual_counts, counts)]
         if self.config.grouping == "per_span":
             self._keep = [0] * B
             for b in range(B):
@@ -201,7 +203,7 @@ class FastVStep:
                     keep_vis[b, start + top] = True
                     self._keep[b] += k
         else:
-            self._keep = [keep_count(n, self.config.ratio) for n in counts]
+            self._keep = targets
             keep_t = torch.tensor(self._keep, device=visual.device)
             kmax = max(self._keep)
             order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :kmax]
