@@ -1,6 +1,7 @@
 """Model adapters: one per family; methods only talk to these."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -29,6 +30,18 @@ class VLMAdapter(ModelAdapter):
     config's image or video token id (anyres tiles, newline features and video frames included; Qwen's
     vision start/end markers are text). Qwen2-VL's text model receives M-RoPE position ids from its wrapper;
     pruning gathers their columns (through cos/sin) and never renumbers them."""
+
+    def continuation_position_ids(self, start: int, q: int, batch: int, device) -> torch.Tensor:
+        """M-RoPE ids for `q` new tokens after `start` logical tokens: the text row and the three rope rows
+        shifted by the model's `rope_deltas` (what Qwen2-VL derives itself from the cache length, which a
+        pruned layer 0 makes too short)."""
+        deltas = getattr(getattr(self.model, "model", self.model), "rope_deltas", None)
+        if deltas is None:
+            raise ValueError("continuing a pruned cache on an M-RoPE model needs position_ids (the model has "
+                             "no rope_deltas from its prefill)")
+        text = torch.arange(start, start + q, device=device).unsqueeze(0).expand(batch, -1)
+        rope = (text + deltas.to(device).view(-1, 1)).unsqueeze(0).expand(3, -1, -1)
+        return torch.cat([text.unsqueeze(0), rope], dim=0)
 
 
 def _class_names(obj) -> set[str]:

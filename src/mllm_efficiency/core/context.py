@@ -67,6 +67,13 @@ class ModelContext:
     def _on_entry(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._entry_ids = ids if isinstance(ids, torch.Tensor) else None
+        if self.adapter.uses_mrope and kwargs.get("position_ids") is None and isinstance(ids, torch.Tensor):
+            cache = kwargs.get(self.adapter.cache_kwarg)
+            if isinstance(cache, TrackedCache) and cache.logical_length != cache.get_seq_length():
+                kwargs["position_ids"] = self.adapter.continuation_position_ids(
+                    cache.logical_length, ids.shape[1], ids.shape[0], ids.device)
+                return args, kwargs
+        return None
 
     def _on_text_model(self, module, args, kwargs):
         self._memo = {}
@@ -169,21 +176,30 @@ class ModelContext:
         past = layer.logical_length()
         if mask is not None or valid is not None:
             cols = layer.slot_positions(extra=q, batch=B, device=hidden.device)
+            cols = cols.expand(B, *cols.shape[1:])
+            if cols.dim() == 3:  # per-KV-head slots: masks become (B, H, q, S)
+                groups = self._kv_groups()
+                cols = M.expand_kv_heads(cols, groups)
+                valid = None if valid is None else M.expand_kv_heads(valid.expand(B, *valid.shape[1:]), groups)
         if mask is not None:
             if mask.shape[-1] != past + q:
                 raise RuntimeError(f"attention mask covers {mask.shape[-1]} keys, expected {past + q} "
                                    "(logical length of the tracked cache + new tokens)")
-            mask = M.gather_keys(mask, cols.expand(B, -1))
+            mask = M.gather_keys(mask, cols)
             if valid is not None:
                 mask = M.restrict_keys(mask, valid)
             sub["attention_mask"] = mask
         elif valid is not None:  # a layer stores prefix_valid only when some slot is invalid
             fmt = M.mask_format(None, self.inner_impl)
             if fmt == "2d":
+                if valid.dim() == 3:
+                    raise NotImplementedError("per-head KV slots with filler slots (AdaKV, padded batches) need "
+                                              "attn_implementation 'sdpa' or 'eager', not flash attention")
                 sub["attention_mask"] = valid.to(torch.long)
             else:
                 q_pos = torch.arange(past, past + q, device=hidden.device).unsqueeze(0).expand(B, -1)
-                allowed = M.causal_allowed(q_pos, cols.expand(B, -1)) & valid[:, None, None, :]
+                key_ok = valid[:, :, None, :] if valid.dim() == 3 else valid[:, None, None, :]
+                allowed = M.causal_allowed(q_pos, cols) & key_ok
                 sub["attention_mask"] = M.to_backend(allowed, fmt, hidden.dtype)
         if layer.position_shift is not None:
             pos_ids = kwargs.get("position_ids")
@@ -193,6 +209,11 @@ class ModelContext:
             sub["position_ids"] = new_pos
             sub["position_embeddings"] = self.adapter.text_model.rotary_emb(hidden, new_pos)
         return sub
+
+    def _kv_groups(self) -> int:
+        cfg = self.adapter.text_config
+        heads = cfg.num_attention_heads
+        return heads // (getattr(cfg, "num_key_value_heads", None) or heads)
 
 
 def _unpadded(kwargs) -> bool:
