@@ -26,4 +26,4 @@ def test_manual_loop_equals_generate(k, extra):
         lengths = [layer.get_seq_length() for layer in cache.layers]
     assert got == expected
     L = inp["input_ids"].shape[1]
-    assert lengths[:k] == [L + 3] * k and lengths[k:] == [L + 3 - 6] * (4 - k)  # 12 image tokens, 6 dropped
+    assert lengths[:k] == [L + 4] * k and lengths[k:] == [L + 4 - 6] * (4 - k)  # 12 image tokens, 6 dropped
