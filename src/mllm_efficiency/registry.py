@@ -34,6 +34,7 @@ def register_method(name: str, *, family: str, config_cls: type, summary: str):
 def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register_method decorators.
     from .pruning import fastv, simignore  # noqa: F401
+    from . import kv  # noqa: F401
 
 
 def available_methods(family: str | None = None) -> list[str]:

@@ -148,9 +148,7 @@ class FastVStep:
     def plan(self, visual: torch.Tensor, counts: list[int], real_lengths: list[int]) -> bool:
         """Called at each fresh prefill; returns whether this step drops anything. Stats describe a no-op
         (everything kept) until `select` runs."""
-        if sum(counts) == 0:
-            if self.config.allow_text_only:
-                return False
+        if sum(counts) == 0 and not self.config.allow_text_only:
             raise NoVisualTokensError("no image or video tokens found in the prompt (pass allow_text_only=True "
                                       "to run such prompts unchanged)")
         if self.config.grouping == "per_span":

@@ -114,9 +114,7 @@ class SimIgnoreStep:
         return detected
 
     def plan(self, visual: torch.Tensor, counts: list[int], real_lengths: list[int]) -> bool:
-        if sum(counts) == 0:
-            if self.config.allow_text_only:
-                return False
+        if sum(counts) == 0 and not self.config.allow_text_only:
             raise NoVisualTokensError("simignore: no image or video tokens found in the prompt")
         self._keep = [self._keep_of(n) for n in counts]
         self.stats.num_visual, self.stats.keep_count = counts, list(self._keep)

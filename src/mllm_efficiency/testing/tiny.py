@@ -6,6 +6,7 @@ torch so the weights are reproducible.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 
@@ -131,10 +132,15 @@ def onevision_video_prompt(model, frames: int = 4, prefix=(1, 10, 11), suffix=(1
     g = torch.Generator().manual_seed(seed)
     video = torch.randn(1, frames, 3, 32, 32, generator=g)
     with torch.no_grad():
-        feats = model.model.get_video_features(pixel_values_videos=video, vision_feature_layer=-2,
+        # the keyword is `pixel_values_videos` from transformers 5.24, `pixel_values` before
+        params = inspect.signature(model.model.get_video_features).parameters
+        key = "pixel_values_videos" if "pixel_values_videos" in params else "pixel_values"
+        feats = model.model.get_video_features(**{key: video}, vision_feature_layer=-2,
                                                vision_feature_select_strategy="default")
     feats = getattr(feats, "pooler_output", feats)
     n = sum(f.shape[0] for f in feats) if isinstance(feats, (list, tuple)) else feats.shape[0] * feats.shape[1]
+    if key == "pixel_values":
+        n += 1  # before 5.24 the forward appends the video newline feature after get_video_features
     ids = list(prefix) + [VIDEO_TOKEN] * n + list(suffix)
     return dict(input_ids=torch.tensor([ids]), pixel_values_videos=video)
 

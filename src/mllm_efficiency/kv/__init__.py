@@ -1,0 +1,9 @@
+"""KV-cache compression (KV_COMPRESSION.md): score -> select -> store, at prefill and during decoding.
+
+Importing this package registers the methods: streamingllm, h2o, snapkv, pyramidkv, adakv, l2norm, random,
+vlcache, lookm.
+"""
+from . import adakv, h2o, l2norm, lookm, pyramidkv, randomkv, snapkv, streamingllm, vlcache  # noqa: F401
+from .base import KVConfig, KVStats, kept_positions
+
+__all__ = ["KVConfig", "KVStats", "kept_positions"]

@@ -1,0 +1,58 @@
+"""H2O (arXiv 2306.14048): heavy hitters by accumulated attention. Score of a key = the sum of the attention
+every prompt query gives it (column sums, group mean over the query heads of a KV head). Keep the recent
+`floor(keep * recent_fraction)` tokens plus the top-scoring earlier ones. `decode="accumulate"` keeps adding
+each new query's attention to the scores and evicts the lowest non-recent token once the cache exceeds
+its budget (the paper's decode-time H2O)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..config import check_choice
+from ..registry import register_method
+from . import primitives as P
+from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection, check_fraction
+
+
+@dataclasses.dataclass(frozen=True)
+class H2OConfig(KVConfig):
+    recent_fraction: float = 0.5
+    group_reduce: str = "mean"
+
+    decode_modes = ("none", "accumulate")
+
+    def validate(self) -> None:
+        super().validate()
+        check_fraction("recent_fraction", self.recent_fraction)
+        check_choice("group_reduce", self.group_reduce, ("mean", "max"))
+
+
+class H2OPolicy(Policy):
+    def select(self, inp: LayerInput) -> Selection:
+        cfg = self.config
+        score = P.column_sums(inp.query, inp.key, inp.mask, inp.scaling, row_ok=inp.real, group=cfg.group_reduce,
+                              **inp.attn_kw)
+        recent = inp.window_mask([math.floor(k * cfg.recent_fraction) for k in inp.keep])
+        decode_score = score if cfg.decode == "accumulate" else None
+        return Selection(score, (inp.real & ~recent)[:, None], recent[:, None], inp.keep, decode_score=decode_score)
+
+    def decode_update(self, layer, query, key, mask, scaling, attn_kw) -> None:
+        if self.config.decode != "accumulate" or layer.score is None:
+            return
+        new = P.column_sums(query, key, mask, scaling, group=self.config.group_reduce, **attn_kw)
+        old = layer.score
+        layer.score = F.pad(old, (0, new.shape[-1] - old.shape[-1])) + new
+
+    def decode_scores(self, layer, real):
+        recent = [math.floor(b * self.config.recent_fraction) for b in layer.budget]
+        score = layer.score
+        return score, P.last_real(real, torch.tensor(recent, device=real.device))
+
+
+@register_method("h2o", family="kv", config_cls=H2OConfig,
+                 summary="H2O: heavy hitters by accumulated attention + recent window (decode='accumulate')")
+def attach_h2o(model, adapter, config: H2OConfig) -> AttachedKV:
+    return AttachedKV(model, adapter, H2OPolicy("h2o", config))

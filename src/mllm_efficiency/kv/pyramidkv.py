@@ -1,0 +1,66 @@
+"""PyramidKV (arXiv 2406.02069): SnapKV scores and window, with layer budgets falling linearly from the first
+to the last layer. Non-window base `b = keep - w`; `min_b = b / beta`, `max_b = 2b - min_b`; layer l of n gets
+`max_b - l (max_b - min_b) / (n - 1)` scored tokens plus the window, rounded by largest remainder so the
+layers sum to exactly `n * b`. When `max_b > L - w` the pyramid does not fit: `infeasible="uniform"` keeps
+`keep` in every layer (kvpress), `"cap"` sets `max_b = L - w` and `min_b = 2b - max_b` (KVCache-Factory).
+Each layer computes the pyramid from its own cached length (after token pruning lengths may differ by
+layer; the exact sum then holds among layers of equal length)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from fractions import Fraction
+
+from ..config import check_choice
+from ..registry import register_method
+from .base import AttachedKV, LayerInput, Policy, Selection, check_fraction
+from .snapkv import SnapKVConfig, snap_scores
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidKVConfig(SnapKVConfig):
+    beta: float = 20.0
+    infeasible: str = "uniform"
+
+    def validate(self) -> None:
+        super().validate()
+        check_fraction("beta", self.beta, 1.0, float("inf"))
+        check_choice("infeasible", self.infeasible, ("uniform", "cap"))
+
+
+def pyramid_budgets(num_layers: int, base: int, window: int, length: int, beta: float,
+                    infeasible: str = "uniform") -> list[int]:
+    """Scored (non-window) tokens per layer; they sum to `num_layers * base`."""
+    n = num_layers
+    min_b = Fraction(base) / Fraction(beta)
+    max_b = 2 * base - min_b
+    if max_b > length - window:
+        if infeasible == "uniform":
+            return [base] * n
+        max_b = Fraction(length - window)
+        min_b = 2 * base - max_b
+    if n == 1:
+        return [base]
+    exact = [max_b - l * (max_b - min_b) / (n - 1) for l in range(n)]
+    out = [math.floor(x) for x in exact]
+    order = sorted(range(n), key=lambda l: (-(exact[l] - out[l]), l))
+    for l in order[:n * base - sum(out)]:
+        out[l] += 1
+    return out
+
+
+def layer_keep(inp: LayerInput, cfg: PyramidKVConfig, w: list[int]) -> list[int]:
+    return [pyramid_budgets(inp.num_layers, k - wb, wb, n, cfg.beta, cfg.infeasible)[inp.layer] + wb
+            for k, wb, n in zip(inp.keep, w, inp.lengths)]
+
+
+class PyramidKVPolicy(Policy):
+    def select(self, inp: LayerInput) -> Selection:
+        score, window, w = snap_scores(inp, self.config, self.name)
+        return Selection(score, (inp.real & ~window)[:, None], window[:, None], layer_keep(inp, self.config, w))
+
+
+@register_method("pyramidkv", family="kv", config_cls=PyramidKVConfig,
+                 summary="PyramidKV: SnapKV scoring with budgets decreasing linearly over layers")
+def attach_pyramidkv(model, adapter, config: PyramidKVConfig) -> AttachedKV:
+    return AttachedKV(model, adapter, PyramidKVPolicy("pyramidkv", config))
