@@ -21,10 +21,10 @@ context length L and arm the script measures, on random token ids:
 Arms: ratio 0 = the unmodified model with NO method attached (the baseline); every other (method, ratio) pair
 uses `mllm_efficiency.apply(model, method, ratio=r)`.
 
-GPU (H100, one 10-minute command):
+GPU (H100, about 6.5 minutes; results and reading in benchmarks/kv/SPEED.md):
   PYTHONPATH=src python3 benchmarks/kv/bench_kv.py --preset llama-2-7b qwen2-7b --device cuda --dtype bf16 \
-      --contexts 8192 32768 --methods snapkv --ratios 0 0.5 0.9 --decode-tokens 64 --repeats 2 \
-      --out $OUT/results.json --markdown $OUT/results.md
+      --contexts 8192 32768 --methods snapkv --ratios 0 0.5 0.9 --decode-tokens 64 --repeats 2 --max-seconds 400 \
+      --out benchmarks/kv/results_speed.json --markdown benchmarks/kv/results_speed.md
 CPU smoke (seconds):
   python benchmarks/kv/bench_kv.py --preset tiny --device cpu --dtype fp32 --contexts 256 512 --decode-tokens 8 \
       --repeats 1 --out /tmp/kv.json --markdown /tmp/kv.md
@@ -113,11 +113,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--floor-context", type=int, default=128,
                    help="also time a full-cache decode at this short context: the weights + launch floor (0: skip)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the standalone cat / SDPA per-step timings")
+    p.add_argument("--diag-steps", type=int, default=4,
+                   help="after the timed loops, profile this many more steps per arm: GPU kernel time per step "
+                        "(torch.profiler), synchronising CUDA calls per step, and the host's hottest Python "
+                        "functions (cProfile); 0: skip")
     p.add_argument("--bw-mib", type=int, default=None, help="buffer for the bandwidth measurement (default 4096 "
                    "on cuda, 256 on cpu)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="start no new arm after this many seconds (the rest is marked skipped; results so far are "
                         "written)")
+    p.add_argument("--no-cudnn-sdp", action="store_true",
+                   help="disable PyTorch's cuDNN SDPA backend (torch.backends.cuda.enable_cudnn_sdp(False)) in every "
+                        "arm; torch >= 2.10 with cuDNN > 9.15 prefers it on sm90, and it rebuilds a cuDNN graph for "
+                        "every new KV length, i.e. at every decode step (see SPEED.md)")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads with --device cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks/kv/results_speed.json"))
@@ -267,7 +275,17 @@ def measure_bandwidth(device: torch.device, mib: int, repeats: int = 10) -> dict
     del x, y
     copy_bw = 2 * nbytes / (t_copy.median_ms / 1e3)
     read_bw = nbytes / (t_read.median_ms / 1e3)
-    return {"buffer_bytes": nbytes, "copy_ms": t_copy.median_ms, "read_ms": t_read.median_ms,
+    # host cost of one tiny op (a kernel launch on cuda), issued back to back without synchronising
+    z = torch.zeros(16, device=device)
+    for _ in range(200):
+        z.add_(1.0)
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(2000):
+        z.add_(1.0)
+    launch_us = (time.perf_counter() - t) / 2000 * 1e6
+    synchronize(device)
+    return {"launch_us": launch_us, "buffer_bytes": nbytes, "copy_ms": t_copy.median_ms, "read_ms": t_read.median_ms,
             "copy_bytes_per_s": copy_bw, "read_bytes_per_s": read_bw, "used_bytes_per_s": max(copy_bw, read_bw)}
 
 
@@ -345,7 +363,8 @@ class Runner:
             # decode: warm-up steps, then timed loops back to back on this cache
             pos = L
             n = a.decode_tokens
-            positions = torch.arange(L, L + a.decode_warmup + n * a.decode_repeats, device=dev).view(1, -1)
+            total_steps = a.decode_warmup + n * a.decode_repeats + 2 * max(a.diag_steps, 0)
+            positions = torch.arange(L, L + total_steps, device=dev).view(1, -1)
             positions = positions.expand(B, -1)
             state = {"tok": tok, "pos": 0}
 
@@ -374,6 +393,7 @@ class Runner:
             kv_mid = med["kv_bytes_mid"]
             roof_ms = (self.w_read + kv_mid) / self.bw * 1e3
             roof_cat_ms = (self.w_read + 3 * kv_mid) / self.bw * 1e3
+            diag = diagnose(run_steps, a.diag_steps, dev) if a.diag_steps > 0 else None
             res["decode"] = {
                 "tokens_per_loop": n, "warmup_steps": a.decode_warmup, "loops": loops,
                 "ms_per_step": step_ms, "tokens_per_s": B * 1e3 / step_ms,
@@ -383,6 +403,7 @@ class Runner:
                 "roofline_ms": roof_ms, "roofline_tokens_per_s": B * 1e3 / roof_ms,
                 "measured_over_roofline": step_ms / roof_ms,
                 "roofline_with_cat_ms": roof_cat_ms, "measured_over_roofline_with_cat": step_ms / roof_cat_ms,
+                "diagnostics": diag,
             }
         finally:
             if handle is not None:
@@ -390,6 +411,95 @@ class Runner:
             del cache, tok
             free_memory(dev)
         return res
+
+
+# ------------------------------------------------------------------------------------------------ diagnostics
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def diagnose(run_steps, steps: int, device: torch.device) -> dict:
+    """Where a decode step's time goes: GPU kernel time per step from torch.profiler (independent of how fast
+    the host issues work), host API calls that block (synchronisations, blocking copies) per step, and the
+    hottest host functions (cProfile, by own time) over `steps` more decode steps."""
+    import cProfile
+    import pstats
+
+    out: dict = {"steps": steps}
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        synchronize(device)
+        with profile(activities=acts) as prof:
+            run_steps(steps)
+            synchronize(device)
+        kernel_us, n_kernels, calls = 0.0, 0, {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                kernel_us += e.time_range.elapsed_us()
+                n_kernels += 1
+            elif any(e.name.startswith(c) for c in SYNC_CALLS):
+                calls[e.name] = calls.get(e.name, 0) + 1
+        out.update(kernel_ms_per_step=kernel_us / 1e3 / steps if device.type == "cuda" else None,
+                   kernels_per_step=n_kernels / steps, sync_calls_per_step={k: v / steps for k, v in calls.items()})
+    except Exception as exc:  # profiler unavailable: keep the run going
+        out["profiler_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        synchronize(device)
+        pr = cProfile.Profile()
+        t0 = time.perf_counter()
+        pr.enable()
+        run_steps(steps)
+        pr.disable()
+        synchronize(device)
+        out["cprofile_ms_per_step"] = (time.perf_counter() - t0) * 1e3 / steps
+        st = pstats.Stats(pr)
+        rows = []
+        for (fname, line, func), (cc, nc, tt, ct, _) in st.stats.items():
+            rows.append({"function": f"{Path(fname).name}:{line}({func})", "calls_per_step": nc / steps,
+                         "own_ms_per_step": tt * 1e3 / steps, "cum_ms_per_step": ct * 1e3 / steps})
+        rows.sort(key=lambda r: -r["own_ms_per_step"])
+        out["host_top_own"] = rows[:12]
+        out["host_top_cum"] = sorted(rows, key=lambda r: -r["cum_ms_per_step"])[:25]
+    except Exception as exc:
+        out["cprofile_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def sdp_info() -> dict:
+    """Which SDPA backends PyTorch may pick (and in which order, where torch exposes it)."""
+    b = torch.backends.cuda
+    info = {}
+    for name in ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled"):
+        fn = getattr(b, name, None)
+        if fn is not None:
+            info[name] = bool(fn())
+    order = getattr(torch._C, "_get_sdp_priority_order", None)
+    if order is not None:
+        try:
+            info["priority_order"] = [str(x) for x in order()]
+        except Exception:
+            pass
+    return info
+
+
+def host_info() -> dict:
+    import os
+    import platform
+
+    info = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": platform.machine()}
+    try:
+        info["loadavg"] = os.getloadavg()
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
 
 
 # ------------------------------------------------------------------------------------------------ breakdown
@@ -513,7 +623,11 @@ def run(args) -> dict:
         torch.set_num_threads(args.cpu_threads)
     dtype = DTYPES[args.dtype]
     t0 = time.perf_counter()
+    if args.no_cudnn_sdp and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
     env = environment_info(device)
+    env["host"] = host_info()
+    env["sdp"] = sdp_info()
     result = {"env": env, "command": command_line(), "args": {k: v for k, v in vars(args).items()},
               "dtype": args.dtype, "presets": [], "acceptance": None}
 
@@ -526,7 +640,8 @@ def run(args) -> dict:
     log(f"device {env.get('gpu') or 'cpu'}; torch {env['torch']}, transformers {env.get('transformers')}", t0)
     result["bandwidth"] = measure_bandwidth(device, args.bw_mib)
     bw = result["bandwidth"]
-    log(f"bandwidth: copy {bw['copy_bytes_per_s'] / 1e12:.3f} TB/s, read {bw['read_bytes_per_s'] / 1e12:.3f} TB/s", t0)
+    log(f"bandwidth: copy {bw['copy_bytes_per_s'] / 1e12:.3f} TB/s, read {bw['read_bytes_per_s'] / 1e12:.3f} TB/s; "
+        f"host cost of one tiny op {bw['launch_us']:.1f} us; host {env['host']}", t0)
     try:
         for preset in args.preset:
             if out_of_time(args, t0):
@@ -591,8 +706,11 @@ def render_markdown(result: dict) -> str:
              f"- device: {dev}; torch {env['torch']} (CUDA {env.get('torch_cuda')}), transformers "
              f"{env.get('transformers')}, python {env['python']}; {env['time_utc']}",
              f"- command: `{result['command']}`",
+             f"- host: {env.get('host', {}).get('cpu_model')}, {env.get('host', {}).get('cpu_count')} CPUs, load "
+             f"average {env.get('host', {}).get('loadavg')}; SDPA backends: {env.get('sdp')}",
              f"- measured bandwidth: copy {bw['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), read-only sum "
-             f"{bw['read_bytes_per_s'] / 1e12:.2f} TB/s; roofline uses {bw['used_bytes_per_s'] / 1e12:.2f} TB/s",
+             f"{bw['read_bytes_per_s'] / 1e12:.2f} TB/s; roofline uses {bw['used_bytes_per_s'] / 1e12:.2f} TB/s; "
+             f"host cost of one tiny op (`x.add_(1)`, no sync) {bw.get('launch_us', float('nan')):.1f} µs",
              f"- prefill = `model(ids, use_cache=True, logits_to_keep=1)`, {a['warmup']} warm-up + {a['repeats']} timed "
              f"({clock}, median); decode = greedy single-token steps with explicit position_ids, {a['decode_warmup']} "
              f"warm-up steps then {a['decode_repeats']} loops × {a['decode_tokens']} steps back to back on the same "
@@ -610,6 +728,44 @@ def render_markdown(result: dict) -> str:
             rows += [arm_row(arm, ctx["L"]) for arm in ctx["arms"]]
         lines.append(markdown_table(rows, COLUMNS))
         lines.append("")
+        diag_rows = []
+        arms_all = ([("floor", pres["floor"])] if pres.get("floor") else []) + \
+            [(ctx["L"], arm) for ctx in pres["contexts"] for arm in ctx["arms"]]
+        base_kernel = {}
+        for L, arm in arms_all:
+            dg = arm["decode"].get("diagnostics") or {}
+            if arm["method"] == "none" and L != "floor":
+                base_kernel[L] = dg.get("kernel_ms_per_step")
+        for L, arm in arms_all:
+            d = arm["decode"]
+            dg = d.get("diagnostics") or {}
+            km = dg.get("kernel_ms_per_step")
+            syncs = sum((dg.get("sync_calls_per_step") or {}).values()) if "sync_calls_per_step" in dg else None
+            top = dg.get("host_top_own") or []
+            bk = base_kernel.get(L)
+            diag_rows.append({
+                "L": f"{arm['L']}" + (" (floor)" if L == "floor" else ""), "arm": arm["method"],
+                "ratio": "full" if arm["method"] == "none" else f"{arm['ratio']:g}",
+                "ms": f"{d['ms_per_step']:.2f}", "enq": f"{d['host_enqueue_ms_per_step']:.2f}",
+                "kern": "n/a" if km is None else f"{km:.2f}",
+                "ksp": f"{bk / km:.2f}×" if km and bk and L != "floor" else "",
+                "nk": f"{dg['kernels_per_step']:.0f}" if "kernels_per_step" in dg else "n/a",
+                "sync": "n/a" if syncs is None else f"{syncs:g}",
+                "cprof": f"{dg['cprofile_ms_per_step']:.1f}" if "cprofile_ms_per_step" in dg else "n/a",
+                "top": "; ".join(f"{r['function']} {r['own_ms_per_step']:.1f}" for r in top[:3])})
+        if any(r["kern"] != "n/a" or r["cprof"] != "n/a" for r in diag_rows):
+            lines.append("Where the decode step goes (after the timed loops, "
+                         f"{a.get('diag_steps')} more steps per arm): GPU kernel time per step from torch.profiler "
+                         "(what the step would cost if the host kept up), kernels and blocking CUDA calls "
+                         "(synchronisations / blocking copies) per step, step time under cProfile and the three "
+                         "host functions with the most own time (ms per step).")
+            lines.append("")
+            lines.append(markdown_table(diag_rows, [
+                ("L", "L"), ("arm", "method"), ("ratio", "ratio"), ("ms", "timed ms/step"),
+                ("enq", "host enqueue ms/step"), ("kern", "GPU kernel ms/step"), ("ksp", "kernel-time speedup"),
+                ("nk", "kernels/step"), ("sync", "blocking calls/step"), ("cprof", "ms/step under cProfile"),
+                ("top", "top host functions (own ms/step)")]))
+            lines.append("")
         fl = pres.get("floor")
         if fl:
             d = fl["decode"]
