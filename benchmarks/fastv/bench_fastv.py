@@ -30,8 +30,6 @@ import argparse
 import contextlib
 import gc
 import inspect
-import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -50,6 +48,7 @@ import mllm_efficiency as me
 from mllm_efficiency.bench.timing import (GIB, environment_info, markdown_table, peak_memory, synchronize,
                                           time_cuda)
 from mllm_efficiency.pruning.fastv import keep_count
+from mllm_efficiency.bench.report import build_random_model, write_outputs  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ presets
 PRESETS = {
@@ -178,21 +177,10 @@ def build_config(preset: str, attn: str):
 
 
 def build_model(config, device: torch.device, dtype: torch.dtype, seed: int):
-    """Random-init LlamaForCausalLM built directly on `device` in `dtype` (HF init: normal std 0.02)."""
+    """Random-init LlamaForCausalLM built directly on `device` in `dtype`."""
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(prev)
-    model.to(dtype)  # no-op for parameters; makes sure nothing stayed in another float type
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return build_random_model(LlamaForCausalLM, config, device, dtype, seed)
 
 
 def cache_kwarg(model) -> str:
@@ -546,28 +534,12 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    return x
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
     md = render_markdown(result)
     print(md)
-    for path, text in ((args.out, json.dumps(_jsonable(result), indent=1)), (args.markdown, md)):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text)
-            print(f"wrote {path}", file=sys.stderr)
+    write_outputs(result, md, args.out, args.markdown)
     return 0
 
 

@@ -35,7 +35,6 @@ import argparse
 import gc
 import inspect
 import json
-import math
 import statistics
 import sys
 import time
@@ -52,6 +51,7 @@ import torch
 
 import mllm_efficiency as me
 from mllm_efficiency.bench.timing import GIB, environment_info, markdown_table, synchronize, time_cuda
+from mllm_efficiency.bench.report import build_random_model, jsonable  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ presets
 _COMMON = dict(rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False, initializer_range=0.02)
@@ -172,23 +172,12 @@ def build_config(preset: str, attn: str):
 
 
 def build_model(preset: str, config, device: torch.device, dtype: torch.dtype, seed: int):
-    """Random-init causal LM built directly on `device` in `dtype` (HF init: normal std 0.02)."""
+    """Random-init causal LM built directly on `device` in `dtype`."""
     if PRESETS[preset]["arch"] == "llama":
         from transformers import LlamaForCausalLM as Model
     else:
         from transformers import Qwen2ForCausalLM as Model
-    torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Model(config)
-    finally:
-        torch.set_default_dtype(prev)
-    model.to(dtype)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return build_random_model(Model, config, device, dtype, seed)
 
 
 def cache_kwarg(model) -> str:
@@ -635,7 +624,7 @@ def run(args) -> dict:
         result["elapsed_s"] = time.perf_counter() - t0
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(_jsonable(result), indent=1))
+            Path(args.out).write_text(json.dumps(jsonable(result), indent=1))
 
     log(f"device {env.get('gpu') or 'cpu'}; torch {env['torch']}, transformers {env.get('transformers')}", t0)
     result["bandwidth"] = measure_bandwidth(device, args.bw_mib)
@@ -807,23 +796,11 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    return x
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
     md = render_markdown(result)  # also written to --markdown by run(), even when a run fails midway
-    print(json.dumps(_jsonable(result), indent=None))
+    print(json.dumps(jsonable(result), indent=None))
     print()
     print(md)
     for path in (args.out, args.markdown):

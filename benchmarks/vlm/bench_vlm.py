@@ -71,6 +71,7 @@ from mllm_efficiency.adapters import get_adapter
 from mllm_efficiency.bench.timing import (GIB, environment_info, markdown_table, peak_memory, synchronize,
                                           time_cuda)
 from mllm_efficiency.pruning.fastv import keep_count
+from mllm_efficiency.bench.report import build_random_model, write_outputs  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ presets
 _QWEN2_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -200,23 +201,12 @@ def build_config(preset: str, attn: str):
 
 
 def build_model(preset: str, config, device: torch.device, dtype: torch.dtype, seed: int):
-    """Random-init model built directly on `device` in `dtype` (HF init: normal std 0.02)."""
+    """Random-init model built directly on `device` in `dtype`."""
     if PRESETS[preset]["family"] == "qwen2":
         from transformers import Qwen2ForCausalLM as cls
     else:
         from transformers import Qwen2VLForConditionalGeneration as cls
-    torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(prev)
-    model.to(dtype)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return build_random_model(cls, config, device, dtype, seed)
 
 
 def text_config_of(config):
@@ -623,28 +613,12 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    return x
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
     md = render_markdown(result)
     print(md)
-    for path, text in ((args.out, json.dumps(_jsonable(result), indent=1)), (args.markdown, md)):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text)
-            print(f"wrote {path}", file=sys.stderr)
+    write_outputs(result, md, args.out, args.markdown)
     if not all_checks_ok(result):
         print("FAILED: FastV stats or logits check (see the tables)", file=sys.stderr)
         return 1
