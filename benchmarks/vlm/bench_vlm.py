@@ -50,8 +50,6 @@ import argparse
 import contextlib
 import gc
 import inspect
-import json
-import math
 import sys
 import time
 from pathlib import Path
