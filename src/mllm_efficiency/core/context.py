@@ -118,6 +118,17 @@ class ModelContext:
             return args, kwargs
         return None
 
+    def prompt_lengths(self, kwargs: dict[str, Any], batch: int, length: int, what: str) -> list[int]:
+        """At a fresh prefill: real (unpadded) tokens per sample from the 2-D attention mask; right padding
+        raises, naming the method (`what`)."""
+        mask2d = kwargs.get("attention_mask")
+        if not (isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 and mask2d.shape[1] == length):
+            return [length] * batch
+        if length > 1 and bool((mask2d[:, -1] == 0).any()):
+            raise ValueError(f"attention_mask: right padding is not supported by {what}; "
+                             "pad on the left (tokenizer.padding_side = 'left')")
+        return mask2d.sum(1).tolist()
+
     def ensure_tracked_cache(self, kwargs: dict[str, Any], what: str) -> TrackedCache | None:
         """At a fresh prefill: the TrackedCache the forward will fill (None when no cache is used)."""
         use_cache = kwargs.get("use_cache")

@@ -100,15 +100,8 @@ class KVEngine:
         if ref is None:
             return None
         B, L = ref.shape[0], ref.shape[1]
-        mask2d = kwargs.get("attention_mask")
-        pad, lengths = None, [L] * B
-        if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 and mask2d.shape[1] == L:
-            if L > 1 and bool((mask2d[:, -1] == 0).any()):
-                raise ValueError(f"attention_mask: right padding is not supported by {policy.name}; "
-                                 "pad on the left (tokenizer.padding_side = 'left')")
-            lengths = mask2d.sum(1).tolist()
-            if min(lengths) < L:
-                pad = mask2d.bool()
+        lengths = self._ctx.prompt_lengths(kwargs, B, L, policy.name)
+        pad = kwargs["attention_mask"].bool() if min(lengths) < L else None
         if not policy.active(lengths):
             return None
         cache = self._ctx.ensure_tracked_cache(kwargs, policy.name)

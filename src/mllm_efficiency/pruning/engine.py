@@ -59,6 +59,24 @@ class Request:
         return not self.pruned
 
 
+@dataclasses.dataclass
+class PruningStats:
+    """What every pruning step records about the last prefill (per sample), plus counters."""
+
+    num_visual: list[int] = dataclasses.field(default_factory=list)
+    keep_count: list[int] = dataclasses.field(default_factory=list)
+    kept_visual_mask: torch.Tensor | None = None  # (B, L) bool over the original positions
+    cache_lengths: list[int] | None = None
+    prefills: int = 0
+
+    @property
+    def kept_visual_positions(self) -> list[torch.Tensor]:
+        """Original positions of the kept visual tokens, one sorted CPU tensor per sample."""
+        if self.kept_visual_mask is None:
+            return []
+        return [row.nonzero().flatten().cpu() for row in self.kept_visual_mask]
+
+
 class PruningEngine:
     def __init__(self, model: nn.Module, adapter):
         self.model = model
@@ -114,11 +132,7 @@ class PruningEngine:
         if ref is None:
             return None
         B, L = ref.shape[0], ref.shape[1]
-        mask2d = kwargs.get("attention_mask")
-        self._check_padding(mask2d)
-        padding = [0] * B
-        if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2:
-            padding = (mask2d.shape[1] - mask2d.sum(1)).tolist()
+        padding = [L - n for n in self._ctx.prompt_lengths(kwargs, B, L, "token pruning")]
         visual = None if ids is None else self.adapter.visual_mask(ids)
         active = []
         counts = None
@@ -137,12 +151,6 @@ class PruningEngine:
                            active_steps=active, lengths=[L] * B, visual_counts=list(counts), padding=padding,
                            prompt_visual_counts=list(counts))
         return args, kwargs
-
-    def _check_padding(self, mask2d) -> None:
-        if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 and mask2d.shape[1] > 1:
-            if bool((mask2d[:, -1] == 0).any()):
-                raise ValueError("attention_mask: right padding is not supported by token pruning; "
-                                 "pad on the left (tokenizer.padding_side = 'left')")
 
     def _after_text_model(self, module, args, kwargs, output):
         req, self.req = self.req, None

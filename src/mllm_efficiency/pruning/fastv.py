@@ -15,7 +15,8 @@ import torch
 from ..config import MethodConfig, check_choice, check_int, check_ratio
 from ..errors import ConfigError, NoVisualTokensError
 from ..registry import register_method
-from .engine import PruningEngine, Request
+from ..flops import keep_count  # noqa: F401  (the one keep rule; re-exported)
+from .engine import PruningEngine, PruningStats, Request
 from .scoring import key_scores
 
 
@@ -83,32 +84,13 @@ class FastVConfig(MethodConfig):
         return cls.from_kwargs("fastv", **out)
 
 
-def keep_count(n: int, ratio: float) -> int:
-    """Visual tokens kept out of n when the fraction `ratio` is dropped."""
-    if n <= 0:
-        return 0
-    return max(1, min(n, round(n * (1.0 - ratio))))
-
-
 @dataclasses.dataclass
-class FastVStats:
+class FastVStats(PruningStats):
     """What the last prefill did (per sample), plus counters."""
 
     scoring_layer: int | None = None
-    num_visual: list[int] = dataclasses.field(default_factory=list)
-    keep_count: list[int] = dataclasses.field(default_factory=list)
-    kept_visual_mask: torch.Tensor | None = None  # (B, L) bool over the original positions
     sequence_length: int = 0
     pruned_length: list[int] = dataclasses.field(default_factory=list)  # real (unpadded) tokens after pruning
-    cache_lengths: list[int] | None = None
-    prefills: int = 0
-
-    @property
-    def kept_visual_positions(self) -> list[torch.Tensor]:
-        """Original positions of the kept visual tokens, one sorted CPU tensor per sample."""
-        if self.kept_visual_mask is None:
-            return []
-        return [row.nonzero().flatten().cpu() for row in self.kept_visual_mask]
 
 
 class FastVStep:

@@ -20,7 +20,7 @@ import torch
 from ..config import MethodConfig, check_choice, check_int, check_ratio
 from ..errors import ConfigError, NoVisualTokensError
 from ..registry import register_method
-from .engine import PruningEngine, Request
+from .engine import PruningEngine, PruningStats, Request
 from .fastv import keep_count
 
 TEXT_SOURCES = ("text_after_image", "prompt", "span", "explicit")
@@ -59,19 +59,8 @@ class SimIgnoreConfig(MethodConfig):
 
 
 @dataclasses.dataclass
-class SimIgnoreStats:
-    num_visual: list[int] = dataclasses.field(default_factory=list)
-    keep_count: list[int] = dataclasses.field(default_factory=list)
+class SimIgnoreStats(PruningStats):
     text_length: list[int] = dataclasses.field(default_factory=list)
-    kept_visual_mask: torch.Tensor | None = None
-    cache_lengths: list[int] | None = None
-    prefills: int = 0
-
-    @property
-    def kept_visual_positions(self) -> list[torch.Tensor]:
-        if self.kept_visual_mask is None:
-            return []
-        return [row.nonzero().flatten().cpu() for row in self.kept_visual_mask]
 
 
 def walk_keep(sim: torch.Tensor, keep: int, start: int, stride: int) -> torch.Tensor:
@@ -128,7 +117,6 @@ class SimIgnoreStep:
 
     def _text_mask(self, req: Request, b: int) -> torch.Tensor | None:
         cfg = self.config
-        ids = req.input_ids
         visual = req.visual[b]
         L = visual.shape[0]
         real = torch.zeros(L, dtype=torch.bool, device=visual.device)
