@@ -27,7 +27,6 @@ CPU smoke (seconds):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import inspect
 import sys
@@ -42,13 +41,13 @@ except ImportError:  # run from a checkout without installation
     import mllm_efficiency  # noqa: F401
 
 import torch
-from torch import nn
 
 import mllm_efficiency as me
 from mllm_efficiency.bench.timing import (GIB, environment_info, markdown_table, peak_memory, synchronize,
                                           time_cuda)
 from mllm_efficiency.pruning.fastv import keep_count
-from mllm_efficiency.bench.report import build_random_model, write_outputs  # noqa: E402
+from mllm_efficiency.bench.report import (build_random_model, cache_kwarg, ideal_pruned_shape,  # noqa: E402
+                                          output_cache, write_outputs)
 
 # ------------------------------------------------------------------------------------------------ presets
 PRESETS = {
@@ -183,36 +182,11 @@ def build_model(config, device: torch.device, dtype: torch.dtype, seed: int):
     return build_random_model(LlamaForCausalLM, config, device, dtype, seed)
 
 
-def cache_kwarg(model) -> str:
-    # transformers >= 5.24 names the cache argument `cache`; earlier releases `past_key_values`
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def output_cache(out):
-    for name in ("cache", "past_key_values"):
-        c = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
-        if c is not None:
-            return c
-    raise RuntimeError("the model returned no cache (use_cache=True)")
-
-
 def stored_lengths(cache) -> list[int] | None:
     layers = getattr(cache, "layers", None)
     if layers is None:
         return None
     return [int(layer.get_seq_length()) for layer in layers]
-
-
-@contextlib.contextmanager
-def sliced_layers(model, start: int, stop: int):
-    """Temporarily keep only decoder layers [start, stop) (layer_idx of each layer is unchanged)."""
-    text = model.model
-    original = text.layers
-    text.layers = nn.ModuleList(list(original)[start:stop])
-    try:
-        yield
-    finally:
-        text.layers = original
 
 
 # ------------------------------------------------------------------------------------------------ measures
@@ -265,22 +239,7 @@ class Bench:
 
     def ideal(self, ids, k: int, lp: int, t_full_l, t_full_lp) -> dict:
         """Cost of the pruned shape on the unmodified model (see module docstring)."""
-        T = len(self.model.model.layers)
-        short = ids[:, :lp]
-        with sliced_layers(self.model, 0, k):
-            seg1 = self.ttft(ids)
-        with sliced_layers(self.model, k, T):
-            seg2 = self.ttft(short)
-        with sliced_layers(self.model, 0, 0):
-            shell = self.ttft(short)
-        direct = seg1.median_ms + seg2.median_ms - shell.median_ms
-        interp = None
-        if t_full_lp is not None:
-            interp = k / T * t_full_l.median_ms + (T - k) / T * t_full_lp.median_ms
-        return {"direct_ms": direct, "segments_sum_ms": seg1.median_ms + seg2.median_ms,
-                "first_k_layers_at_L": seg1.as_dict(), "last_layers_at_Lp": seg2.as_dict(),
-                "shell_at_Lp": shell.as_dict(), "interp_ms": interp,
-                "full_model_at_Lp": t_full_lp.as_dict() if t_full_lp is not None else None}
+        return ideal_pruned_shape(self.ttft, self.model.model, ids, ids[:, :lp], k, t_full_l, t_full_lp)
 
 
 _FLOPS_WARNED: set = set()

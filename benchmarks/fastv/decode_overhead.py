@@ -9,7 +9,6 @@ bound of the per-step Python overhead.
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -19,10 +18,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 import mllm_efficiency as me  # noqa: E402
 from mllm_efficiency.testing import tiny_llama_lm  # noqa: E402
+from mllm_efficiency.bench.report import cache_kwarg  # noqa: E402
 
 
 def decode_ms(model, ids, steps: int) -> float:
-    ck = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ck = cache_kwarg(model)
     with torch.inference_mode():
         out = model(ids, use_cache=True, logits_to_keep=1)
         cache, tok, L = out.past_key_values, out.logits[:, -1:].argmax(-1), ids.shape[1]

@@ -51,7 +51,7 @@ import torch
 
 import mllm_efficiency as me
 from mllm_efficiency.bench.timing import GIB, environment_info, markdown_table, synchronize, time_cuda
-from mllm_efficiency.bench.report import build_random_model, jsonable  # noqa: E402
+from mllm_efficiency.bench.report import build_random_model, cache_kwarg, jsonable, output_cache  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ presets
 _COMMON = dict(rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False, initializer_range=0.02)
@@ -178,19 +178,6 @@ def build_model(preset: str, config, device: torch.device, dtype: torch.dtype, s
     else:
         from transformers import Qwen2ForCausalLM as Model
     return build_random_model(Model, config, device, dtype, seed)
-
-
-def cache_kwarg(model) -> str:
-    # transformers >= 5.24 names the cache argument `cache`; earlier releases `past_key_values`
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def output_cache(out):
-    for name in ("cache", "past_key_values"):
-        c = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
-        if c is not None:
-            return c
-    raise RuntimeError("the model returned no cache (use_cache=True)")
 
 
 def cache_layers(cache) -> list:

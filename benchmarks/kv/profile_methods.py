@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import inspect
 import io
 import pstats
 import sys
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 import mllm_efficiency as me  # noqa: E402
-from mllm_efficiency.bench.report import build_random_model  # noqa: E402
+from mllm_efficiency.bench.report import build_random_model, cache_kwarg  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +35,7 @@ def main() -> None:
                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
                       rope_theta=1e6, attn_implementation="sdpa")
     model = build_random_model(Qwen2ForCausalLM, cfg, args.device, torch.bfloat16, 0)
-    ck = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ck = cache_kwarg(model)
     ids = torch.randint(0, 150000, (1, args.length), device=args.device)
     L = args.length
 

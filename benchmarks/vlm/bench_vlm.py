@@ -47,7 +47,6 @@ CPU smoke (seconds; checks the mechanics only):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import inspect
 import sys
@@ -62,14 +61,13 @@ except ImportError:  # run from a checkout without installation
     import mllm_efficiency  # noqa: F401
 
 import torch
-from torch import nn
 
 import mllm_efficiency as me
 from mllm_efficiency.adapters import get_adapter
 from mllm_efficiency.bench.timing import (GIB, environment_info, markdown_table, peak_memory, synchronize,
                                           time_cuda)
-from mllm_efficiency.pruning.fastv import keep_count
-from mllm_efficiency.bench.report import build_random_model, write_outputs  # noqa: E402
+from mllm_efficiency.pruning.fastv import keep_count, token_spans
+from mllm_efficiency.bench.report import build_random_model, ideal_pruned_shape, write_outputs  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ presets
 _QWEN2_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -212,26 +210,7 @@ def text_config_of(config):
     return get() if callable(get) else getattr(config, "text_config", config)
 
 
-@contextlib.contextmanager
-def sliced_layers(text_model, start: int, stop: int):
-    """Temporarily keep only decoder layers [start, stop) (layer_idx of each layer is unchanged)."""
-    original = text_model.layers
-    text_model.layers = nn.ModuleList(list(original)[start:stop])
-    try:
-        yield
-    finally:
-        text_model.layers = original
-
-
 # ------------------------------------------------------------------------------------------------ prompts
-def _spans(mask_row: torch.Tensor) -> list[tuple[int, int]]:
-    r = mask_row.to(torch.int8).cpu()
-    edges = torch.diff(torch.cat([r.new_zeros(1), r, r.new_zeros(1)]))
-    starts = (edges == 1).nonzero().flatten().tolist()
-    ends = (edges == -1).nonzero().flatten().tolist()
-    return [(s, e - s) for s, e in zip(starts, ends)]
-
-
 def rope_index(model, ids: torch.Tensor, types: torch.Tensor, image_grid, video_grid) -> torch.Tensor:
     """3-row M-RoPE position ids from the model's own get_rope_index (signature differs between releases)."""
     inner = model.model
@@ -289,7 +268,7 @@ def build_prompt(preset: str, name: str, model, config, args, device, gen: torch
                          grid.to(device) if type_id == 2 else None)
     L, N = ids.shape[1], sum(per_item)
     visual = tt[0] > 0
-    spans = _spans(visual)
+    spans = token_spans(visual)
     last = spans[-1][0] + spans[-1][1]
     # stand-in features: embeddings of random ids at every position (the pads' own embedding would be identical)
     with torch.inference_mode():
@@ -338,22 +317,8 @@ class Bench:
         return peak_memory(lambda: self.prefill(kw), device=self.device)
 
     def ideal(self, prompt, k: int, lp: int, t_full_l, t_full_lp) -> dict:
-        T = len(self.text_model.layers)
-        full, short = sliced_inputs(prompt, None), sliced_inputs(prompt, lp)
-        with sliced_layers(self.text_model, 0, k):
-            seg1 = self.ttft(full)
-        with sliced_layers(self.text_model, k, T):
-            seg2 = self.ttft(short)
-        with sliced_layers(self.text_model, 0, 0):
-            shell = self.ttft(short)
-        direct = seg1.median_ms + seg2.median_ms - shell.median_ms
-        interp = None
-        if t_full_lp is not None:
-            interp = k / T * t_full_l.median_ms + (T - k) / T * t_full_lp.median_ms
-        return {"direct_ms": direct, "segments_sum_ms": seg1.median_ms + seg2.median_ms,
-                "first_k_layers_at_L": seg1.as_dict(), "last_layers_at_Lp": seg2.as_dict(),
-                "shell_at_Lp": shell.as_dict(), "interp_ms": interp,
-                "full_model_at_Lp": t_full_lp.as_dict() if t_full_lp is not None else None}
+        return ideal_pruned_shape(self.ttft, self.text_model, sliced_inputs(prompt, None), sliced_inputs(prompt, lp),
+                                  k, t_full_l, t_full_lp)
 
 
 def flops_report(config, prefix: int, n_visual: int, text: int, k: int, ratio: float) -> dict | None:

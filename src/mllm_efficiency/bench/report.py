@@ -1,6 +1,8 @@
 """What every benchmark script shares: random-weight models built on the device, JSON-safe results, outputs."""
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import math
 import sys
@@ -46,3 +48,49 @@ def write_outputs(result: dict, markdown: str, json_path: str | None, markdown_p
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
             print(f"wrote {path}", file=sys.stderr)
+
+
+def cache_kwarg(model) -> str:
+    """The forward's cache argument: `cache` from transformers 5.24, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The cache a forward returned, whichever name the installed transformers gives it."""
+    for name in ("cache", "past_key_values"):
+        c = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
+        if c is not None:
+            return c
+    raise RuntimeError("the model returned no cache (use_cache=True)")
+
+
+@contextlib.contextmanager
+def sliced_layers(text_model, start: int, stop: int):
+    """Temporarily keep only decoder layers [start, stop) (layer_idx of each layer is unchanged)."""
+    original = text_model.layers
+    text_model.layers = torch.nn.ModuleList(list(original)[start:stop])
+    try:
+        yield
+    finally:
+        text_model.layers = original
+
+
+def ideal_pruned_shape(ttft, text_model, full_inputs, short_inputs, k: int, t_full_l, t_full_lp) -> dict:
+    """Cost of a pruned prefill's shape on the unmodified model: layers[:k] on the full inputs plus layers[k:]
+    on the short ones, minus one call with no layers (embeddings, RoPE table, norm, head: counted twice
+    otherwise). `ttft(inputs)` returns a TimingResult; `interp_ms` interpolates full-model timings instead."""
+    T = len(text_model.layers)
+    with sliced_layers(text_model, 0, k):
+        seg1 = ttft(full_inputs)
+    with sliced_layers(text_model, k, T):
+        seg2 = ttft(short_inputs)
+    with sliced_layers(text_model, 0, 0):
+        shell = ttft(short_inputs)
+    interp = None
+    if t_full_lp is not None:
+        interp = k / T * t_full_l.median_ms + (T - k) / T * t_full_lp.median_ms
+    return {"direct_ms": seg1.median_ms + seg2.median_ms - shell.median_ms,
+            "segments_sum_ms": seg1.median_ms + seg2.median_ms,
+            "first_k_layers_at_L": seg1.as_dict(), "last_layers_at_Lp": seg2.as_dict(),
+            "shell_at_Lp": shell.as_dict(), "interp_ms": interp,
+            "full_model_at_Lp": t_full_lp.as_dict() if t_full_lp is not None else None}

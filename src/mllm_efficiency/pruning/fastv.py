@@ -122,7 +122,7 @@ class FastVStep:
         span = torch.zeros(B, L, dtype=torch.bool, device=device)
         span[:, start:start + n] = True
         if detected is not None and not torch.equal(detected, span):
-            found = [_spans(row) for row in detected]
+            found = [token_spans(row) for row in detected]
             raise ConfigError(f"image_token_start_index={start}, image_token_length={n} disagree with the "
                               f"image tokens found in input_ids: (start, length) per sample = {found}")
         return span
@@ -134,7 +134,7 @@ class FastVStep:
             raise NoVisualTokensError("no image or video tokens found in the prompt (pass allow_text_only=True "
                                       "to run such prompts unchanged)")
         if self.config.grouping == "per_span":
-            keep = [sum(keep_count(n, self.config.ratio) for _, n in _spans(row)) for row in visual]
+            keep = [sum(keep_count(n, self.config.ratio) for _, n in token_spans(row)) for row in visual]
         else:
             keep = [keep_count(n, self.config.ratio) for n in counts]
         self._visual, self._keep = visual, keep
@@ -177,7 +177,7 @@ class FastVStep:
         if self.config.grouping == "per_span":
             self._keep = [0] * B
             for b in range(B):
-                for start, n in _spans(visual[b]):
+                for start, n in token_spans(visual[b]):
                     k = keep_count(n, self.config.ratio)
                     top = _stable_topk(score[b, start:start + n], k)
                     keep_vis[b, start + top] = True
@@ -210,7 +210,7 @@ def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores, descending=True, stable=True).indices[:k]
 
 
-def _spans(row: torch.Tensor) -> list[tuple[int, int]]:
+def token_spans(row: torch.Tensor) -> list[tuple[int, int]]:
     """Contiguous runs of True in a 1-D bool tensor as (start, length)."""
     r = row.to(torch.int8)
     edges = torch.diff(torch.cat([r.new_zeros(1), r, r.new_zeros(1)]))
