@@ -44,16 +44,6 @@ def _no_grad():
         yield
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny (hidden 64): one intra-op thread is as fast on a quiet machine and avoids the 10x+
-    slowdown of two spinning OpenMP threads on a shared, loaded one. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models():
     built = {}

@@ -31,16 +31,6 @@ def _no_grad():
         yield
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny (hidden 64): one intra-op thread is as fast on a quiet machine and avoids the 10x+
-    slowdown of two spinning OpenMP threads on a shared, loaded one. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 def video_prompt(model, frames=4, prefix=(1, 10, 11), suffix=(12, 13, 14), seed=0):
     """LLaVA-OneVision video prompt built here (as `testing.onevision_video_prompt`), version-robust: the video goes
