@@ -96,13 +96,12 @@ class FastVStats(PruningStats):
 class FastVStep:
     """One pruning step on the engine."""
 
-    def __init__(self, config: FastVConfig, num_layers: int):
+    def __init__(self, config: FastVConfig):
         self.config = config
         self.mode = config.mode
         self.layer = config.k
         self.score_layer = config.k - 1 if config.scorer != "random" else None
         self.stats = FastVStats(scoring_layer=self.score_layer)
-        self._visual: torch.Tensor | None = None
         self._keep: list[int] = []
 
     def visual_positions(self, detected: torch.Tensor | None, B: int, L: int, device) -> torch.Tensor:
@@ -137,7 +136,7 @@ class FastVStep:
             keep = [sum(keep_count(n, self.config.ratio) for _, n in token_spans(row)) for row in visual]
         else:
             keep = [keep_count(n, self.config.ratio) for n in counts]
-        self._visual, self._keep = visual, keep
+        self._keep = keep
         st = self.stats
         st.num_visual, st.keep_count, st.sequence_length = counts, keep, visual.shape[1]
         st.kept_visual_mask, st.pruned_length, st.cache_lengths = visual, list(real_lengths), None
@@ -234,7 +233,7 @@ class AttachedFastV:
         if config.mode == "mask":
             warnings.warn("FastV mode='mask' hides tokens as keys but computes every row: no speedup "
                           "(use mode='inplace' for real savings)", stacklevel=3)
-        self.step = FastVStep(config, T)
+        self.step = FastVStep(config)
         self.engine = PruningEngine.attach(model, adapter, self.step)
 
     @property
