@@ -227,7 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--text-len", type=_int_at_least("text_len", 0), default=0,
                     help="text tokens after the image (ignored by Eq. 5, counted by the exact count); default 0")
     fl.set_defaults(run=lambda args: cmd_flops(args, fl))
+    _add_family_commands(sub)
     return parser
+
+
+# Modules that add their own sub-commands: each defines `add_commands(subparsers)`, and every sub-command it adds
+# sets `run=callable(args) -> exit code`.
+_COMMAND_MODULES = ("bench.cli", "memory.cli", "video.cli", "eval.cli")
+
+
+def _add_family_commands(sub) -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        module_name = f"{__package__}.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:  # a family not written yet; any other missing module is an error
+            if e.name not in (module_name, module_name.rsplit(".", 1)[0]):
+                raise
+            continue
+        module.add_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
