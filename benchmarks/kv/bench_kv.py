@@ -128,8 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "every new KV length, i.e. at every decode step (see SPEED.md)")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads with --device cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "benchmarks/kv/results_speed.json"))
-    p.add_argument("--markdown", default=str(REPO / "benchmarks/kv/results_speed.md"))
+    p.add_argument("--out", default=None, help="write the raw results as JSON here (default: not written)")
+    p.add_argument("--markdown", default=None, help="write the markdown tables here (default: stdout only)")
     args = p.parse_args(argv)
     try:
         args.method_kwargs = json.loads(args.method_kwargs)

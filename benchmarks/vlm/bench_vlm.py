@@ -137,8 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads with --device cpu (1 keeps a smoke run stable on a shared machine)")
     p.add_argument("--no-interp", action="store_true", help="skip the full-model timings at L' (interpolated ideal)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "benchmarks/vlm/results.json"))
-    p.add_argument("--markdown", default=str(REPO / "benchmarks/vlm/results.md"))
+    p.add_argument("--out", default=None, help="write the raw results as JSON here (default: not written)")
+    p.add_argument("--markdown", default=None, help="write the markdown tables here (default: stdout only)")
     args = p.parse_args(argv)
     if args.min_time is None:
         args.min_time = 2.0 if torch.device(args.device).type == "cuda" else 0.0
