@@ -1,0 +1,121 @@
+"""Static slot buffers for decoding on caches whose layers store different numbers of tokens.
+
+After a prefill, every layer may hold its own number of slots (FastV keeps fewer tokens from layer K on,
+KV methods keep a per-layer or per-KV-head budget, padded batches hold invalid slots). `SlotLayer` copies one
+layer into a fixed buffer of `stored + max_new_tokens` slots with an additive key bias (0 = attend,
+-inf = padding, filler or not yet written). A decode step writes its key/value at slot
+`stored + step`, where `step` is a device tensor shared by all layers, so the same kernels with the same
+addresses serve every step: the step can be captured once in a CUDA graph and replayed.
+`slot_attention` is the attention function the decode step runs: scores for the few query rows against
+every slot, grouped by KV head (no K/V expansion to query heads), plus the layer's bias.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+SLOT_ATTENTION = "mllm_eff_slots"
+_BIAS_ATTR = "_mllm_eff_slot_bias"
+
+
+class SlotLayer(CacheLayerMixin):
+    is_compileable = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, capacity: int,
+                 step: torch.Tensor):
+        super().__init__()
+        B, Hkv, stored, D = keys.shape
+        self.stored = stored
+        self.capacity = capacity
+        self.keys = keys.new_zeros(B, Hkv, capacity, D)
+        self.values = values.new_zeros(B, Hkv, capacity, values.shape[-1])
+        self.keys[:, :, :stored].copy_(keys)
+        self.values[:, :, :stored].copy_(values)
+        heads = 1 if valid is None or valid.dim() == 2 else valid.shape[1]
+        self.bias = torch.full((B, heads, capacity), float("-inf"), device=keys.device, dtype=torch.float32)
+        if valid is None:
+            self.bias[:, :, :stored] = 0.0
+        else:
+            valid = valid.unsqueeze(1) if valid.dim() == 2 else valid
+            self.bias[:, :, :stored].masked_fill_(valid.expand(B, heads, stored), 0.0)
+        self._base = torch.tensor([stored], device=keys.device, dtype=torch.long)
+        self._step = step
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # buffers exist from the start
+        return None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[-2] != 1:
+            raise ValueError(f"slot decoding appends one token per step, got {key_states.shape[-2]}")
+        idx = self._base + self._step
+        self.keys.index_copy_(2, idx, key_states)
+        self.values.index_copy_(2, idx, value_states)
+        self.bias.index_fill_(2, idx, 0.0)
+        return self.keys, self.values
+
+    def forget_from(self, step: int) -> None:
+        """Mark the slots of steps >= `step` unwritten again (used after warm-up runs)."""
+        self.bias[:, :, self.stored + step:] = float("-inf")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.capacity, 0
+
+    def get_seq_length(self) -> int:
+        return self.stored
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    @property
+    def stored_bytes(self) -> int:
+        per_slot = self.keys[:, :, :1].numel() * self.keys.element_size() * 2
+        return per_slot * self.stored
+
+
+class SlotCache(Cache):
+    """The cache a slot decode step passes to the text model. `logical_length` (host int) is what the model
+    reads as the number of tokens seen; positions are always passed explicitly."""
+
+    def __init__(self, layers: list[SlotLayer], logical_length: int):
+        super().__init__(layers=layers)
+        self.logical_length = logical_length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.logical_length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.layers[layer_idx].capacity, 0
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query (B, H, q, D) against the layer's slot buffers key/value (B, Hkv, C, D) with the slot bias the
+    decoder put on the module; returns (B, q, H, D) like every transformers attention function."""
+    bias = getattr(module, _BIAS_ATTR)
+    B, H, q, D = query.shape
+    Hkv = key.shape[1]
+    if scaling is None:
+        scaling = getattr(module, "scaling", D ** -0.5)
+    grouped = query.reshape(B, Hkv, (H // Hkv) * q, D)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float()
+    scores = scores.mul_(scaling).add_(bias.unsqueeze(2))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value).reshape(B, H, q, value.shape[-1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_slot_attention() -> str:
+    # Registered without a mask function: transformers then skips building a mask (the bias is the mask).
+    if SLOT_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+    return SLOT_ATTENTION
+
+
+def set_layer_bias(attention_modules, layers: list[SlotLayer] | None) -> None:
+    for i, module in enumerate(attention_modules):
+        if layers is None:
+            if hasattr(module, _BIAS_ATTR):
+                delattr(module, _BIAS_ATTR)
+        else:
+            setattr(module, _BIAS_ATTR, layers[i].bias)
