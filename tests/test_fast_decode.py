@@ -156,3 +156,25 @@ def test_model_unchanged_after_decoding(llama_text):
     FastDecoder(llama_text, max_new_tokens=3).generate(input_ids=ids)
     assert llama_text.config._attn_implementation == "sdpa"
     assert torch.equal(llama_text(ids).logits, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", [None, "snapkv", "adakv"])
+def test_cuda_graph_replay_matches_generate(method):
+    from mllm_efficiency.testing import tiny_llama_lm
+
+    model = tiny_llama_lm(num_layers=4).cuda()
+    ids, mask = pad_left([text_ids(30, seed=2), text_ids(44, seed=3)])
+    inputs = dict(input_ids=ids.cuda(), attention_mask=mask.cuda())
+    handle = me.apply(model, method, ratio=0.5, window=4) if method else None
+    try:
+        tokens, ref = reference(model, **inputs)
+        dec = FastDecoder(model, max_new_tokens=STEPS)
+        got = [dec.prefill(**inputs)]
+        assert dec._graph is not None
+        for t in range(STEPS - 1):
+            got.append(dec.step(tokens[:, t:t + 1]))
+        torch.testing.assert_close(torch.stack(got, dim=1), ref, atol=1e-4, rtol=1e-3)
+    finally:
+        if handle is not None:
+            handle.remove()
