@@ -52,5 +52,85 @@ class ModelAdapter:
         ids = torch.tensor(self.visual_token_ids, device=input_ids.device)
         return torch.isin(input_ids, ids)
 
+    @torch.no_grad()
+    def merged_inputs_embeds(self, **inputs) -> torch.Tensor:
+        """The `inputs_embeds` the decoder stack would receive for `inputs` (a VLM's vision tower, projector and
+        placeholder scatter run; the decoder layers do not): the wrapper's forward is stopped at the decoder's
+        entry. For a text LLM this is the token embedding of `input_ids`."""
+        if self.model is self.text_model or "pixel_values" not in inputs and "pixel_values_videos" not in inputs:
+            return self.text_model.get_input_embeddings()(inputs["input_ids"])
+
+        class _Stop(Exception):
+            pass
+
+        seen = {}
+
+        def grab(module, args, kwargs):
+            seen["embeds"] = kwargs.get("inputs_embeds")
+            raise _Stop
+
+        handle = self.text_model.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(**inputs, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if seen.get("embeds") is None:
+            raise RuntimeError(f"{type(self.model).__name__} did not pass inputs_embeds to its decoder")
+        return seen["embeds"]
+
     def describe(self) -> str:
         return f"{self.family} ({type(self.model).__name__}, {self.num_layers} layers)"
+
+    def visual_grids(self, input_ids: torch.Tensor, inputs: dict | None = None,
+                     frames: int | None = None) -> list[list[tuple[int, int, int, int]]]:
+        """Per sample, the token grid of each visual span as (start, frames, height, width): grid token
+        (t, r, c) sits at `start + (t * height + r) * width + c`. Span tokens outside the grid (e.g. the
+        video newline LLaVA-OneVision appends) are not described and count as text.
+
+        The grid comes from what the processor gave the model (`inputs`): Qwen-VL `image_grid_thw` /
+        `video_grid_thw` (merged by `spatial_merge_size`), LLaVA-OneVision `pixel_values_videos`
+        (B, F, C, H, W): F frames of square pooled grids. `frames` overrides the frame count (e.g. when
+        only embeddings are given); otherwise a span without processor information is one frame, square
+        when its length is a perfect square, else a single row."""
+        visual = self.visual_mask(input_ids)
+        if visual is None:
+            return [[] for _ in range(input_ids.shape[0])]
+        inputs = inputs or {}
+        cfg = getattr(self.model, "config", None)
+        merge = getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", 1) or 1
+        video_id = getattr(cfg, "video_token_id", None)
+        thw = {"video": _grid_list(inputs.get("video_grid_thw")), "image": _grid_list(inputs.get("image_grid_thw"))}
+        videos = inputs.get("pixel_values_videos")
+        video_frames = int(videos.shape[1]) if isinstance(videos, torch.Tensor) and videos.dim() == 5 else None
+        out = []
+        for b in range(input_ids.shape[0]):
+            grids = []
+            for start, n in _runs(visual[b]):
+                kind = "video" if video_id is not None and int(input_ids[b, start]) == video_id else "image"
+                grid = None
+                if frames is None and thw[kind]:
+                    t, h, w = thw[kind].pop(0)
+                    if t * (h // merge) * (w // merge) == n:
+                        grid = (start, t, h // merge, w // merge)
+                if grid is None:
+                    f = frames or (video_frames if kind == "video" else None) or 1
+                    per = n // f
+                    side = int(round(per ** 0.5))
+                    grid = (start, f, side, side) if side * side == per else (start, f, 1, per)
+                grids.append(grid)
+            out.append(grids)
+        return out
+
+
+def _grid_list(t) -> list[tuple[int, int, int]]:
+    return [tuple(int(v) for v in row) for row in t.tolist()] if isinstance(t, torch.Tensor) else []
+
+
+def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
+    r = row.to(torch.int8)
+    edges = torch.diff(torch.cat([r.new_zeros(1), r, r.new_zeros(1)]))
+    starts = (edges == 1).nonzero().flatten().tolist()
+    ends = (edges == -1).nonzero().flatten().tolist()
+    return [(s, e - s) for s, e in zip(starts, ends)]

@@ -50,8 +50,11 @@ def _ensure_registered(inner: str) -> str:
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         fn = fixed if fixed is not None else _resolve_inner(inner, module)
-        output = fn(module, query, key, value, attention_mask, **kwargs)
         hub = getattr(module, _HUB_ATTR, None)
+        if hub is not None and hub.query_transforms:  # e.g. Focus's similarity concentration of Q
+            for transform in hub.query_transforms:
+                query = transform(module, query, kwargs)
+        output = fn(module, query, key, value, attention_mask, **kwargs)
         if hub is not None and hub.callbacks:
             for callback in hub.callbacks:
                 callback(module, query, key, value, attention_mask, kwargs)
@@ -70,6 +73,7 @@ class AttentionHub:
     def __init__(self, adapter):
         self.adapter = adapter
         self.callbacks: list[AttentionCallback] = []
+        self.query_transforms: list[Callable] = []  # fn(module, query, kwargs) -> query, before attention
         self.users = 0
         self.original_impl = adapter.text_config._attn_implementation
         self.inner = inner_name(self.original_impl)

@@ -198,7 +198,10 @@ class PruningEngine:
         for step in req.active_steps:
             if step.layer != i:
                 continue
-            keep, kept_visual = step.select(req, hidden)  # (B, Lcur) bool, visual tokens kept per sample
+            result = step.select(req, hidden)  # (B, Lcur) bool, visual tokens kept per sample
+            keep, kept_visual = result[0], result[1]
+            if len(result) > 2 and result[2] is not None:  # a merging step replaces the states it keeps
+                hidden = result[2]
             if keep is None:
                 continue
             dropped_counts = [n - k for n, k in zip(req.visual_counts, kept_visual)]

@@ -1,0 +1,444 @@
+"""Focus (arXiv 2512.14661): semantic concentration (prompt-guided progressive pruning) and similarity
+concentration (vector-wise dedup of GEMM inputs). Spec: shared/design/VIDEO.md sections 2-4.
+
+SEC: at every `selected_layers[i]` the text rows after the visual span score each surviving grid token
+(attention probabilities, max over heads then max over rows, computed from the post-RoPE q/k by the method,
+never as an L x L matrix); the top `max(1, int(alpha_i * n_visual_original))` survive. Pruning runs on the
+shared pruning engine at the input of the next layer; with `placement="mid_layer"` the selected layer's MLP
+inputs already treat the dropped tokens as pruned for similarity matching (the reference's semantics; the
+MLP is row-wise, so kept states are equal either way and only one MLP runs on rows that are then dropped).
+
+SIC (prefill only) wraps the linear layers at the GEMM inputs `q_proj` (shared by q/k/v), `o_proj`,
+`gate_proj` (shared by gate/up), `down_proj`, and transforms Q after RoPE (`query`) through the attention hub:
+- `sic_mode="emulate"`: matched vectors are replaced by their group mean, the GEMM runs densely (accuracy of
+  the accelerator, no speedup; the savings are simulated from the recorded sparsity);
+- `sic_mode="token_dedup"`: whole-token matching, the GEMM runs on the unique rows only and the result is
+  expanded to every member (real savings; `query` is not deduplicated: fused attention kernels);
+- `sic_mode="off"`: SEC only (same as `sec_only=True`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig, check_choice, check_int
+from ..errors import ConfigError
+from ..pruning.engine import PruningEngine
+from ..pruning.scoring import key_scores
+from ..registry import register_method
+from . import similarity as S
+from .common import DelegateStep, PromptLayout, current_visual, topk_keep
+
+GEMMS = ("q_proj", "query", "o_proj", "gate_proj", "down_proj")
+MLP_GEMMS = ("gate_proj", "down_proj")
+DEDUP_GEMMS = ("q_proj", "o_proj", "gate_proj", "down_proj")
+
+
+def _check_unit(name: str, value: Any, low_open: bool = True) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < float(value) <= 1.0):
+        raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FocusConfig(MethodConfig):
+    selected_layers: tuple = (2, 5, 8, 16, 25)
+    alpha_list: tuple = (0.4, 0.3, 0.2, 0.15, 0.1)
+    similarity_threshold: float = 0.9
+    vector_size: int | None = None  # None: 32 (emulate) / full width (token_dedup); 0 = full width
+    block_size: int | None = None  # S of the T x S x S block; None: 2 (emulate) / 1 (token_dedup)
+    frame_block_size: int = 2  # T
+    gemm_m_size: int = 1024  # unpruned tokens per M-tile; -1 = one tile
+    sec_only: bool = False
+    sic_mode: str = "emulate"
+    gemms: tuple = GEMMS
+    mask_row_wrap: bool = False
+    placement: str = "mid_layer"
+    frames: int | None = None  # frame count when the processor's grid information is not available
+    record_trace: bool = False
+    allow_text_only: bool = False
+
+    def validate(self) -> None:
+        object.__setattr__(self, "selected_layers", tuple(self.selected_layers))
+        object.__setattr__(self, "alpha_list", tuple(self.alpha_list))
+        object.__setattr__(self, "gemms", tuple(self.gemms))
+        if len(self.selected_layers) != len(self.alpha_list):
+            raise ConfigError(f"selected_layers and alpha_list must have the same length, got "
+                              f"{len(self.selected_layers)} and {len(self.alpha_list)}")
+        for i, layer in enumerate(self.selected_layers):
+            check_int(f"selected_layers[{i}]", layer, 0)
+        if list(self.selected_layers) != sorted(set(self.selected_layers)):
+            raise ConfigError(f"selected_layers must be strictly increasing, got {list(self.selected_layers)}")
+        for i, a in enumerate(self.alpha_list):
+            _check_unit(f"alpha_list[{i}]", a)
+        t = self.similarity_threshold
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (-1.0 <= float(t) <= 1.0):
+            raise ConfigError(f"similarity_threshold must be a cosine in [-1, 1], got {t!r}")
+        if self.vector_size is not None:
+            check_int("vector_size", self.vector_size, 0)
+        if self.block_size is not None:
+            check_int("block_size", self.block_size, 1, 8)
+        check_int("frame_block_size", self.frame_block_size, 1, 8)
+        if (self.block_size or 2) == 1 and self.frame_block_size == 1:
+            raise ConfigError("block_size=1 with frame_block_size=1 leaves no neighbour to match: "
+                              "use a T x S x S block with T >= 2 or S >= 2")
+        if self.gemm_m_size != -1:
+            check_int("gemm_m_size", self.gemm_m_size, 1)
+        check_choice("sic_mode", self.sic_mode, ("emulate", "token_dedup", "off"))
+        check_choice("placement", self.placement, ("mid_layer", "next_layer"))
+        for g in self.gemms:
+            check_choice("gemms", g, GEMMS)
+        if self.frames is not None:
+            check_int("frames", self.frames, 1)
+
+    @property
+    def sic_on(self) -> bool:
+        return not self.sec_only and self.sic_mode != "off"
+
+    @property
+    def vector(self) -> int:
+        if self.vector_size is not None:
+            return self.vector_size
+        return 32 if self.sic_mode == "emulate" else 0
+
+    @property
+    def block(self) -> int:
+        if self.block_size is not None:
+            return self.block_size
+        return 2 if self.sic_mode == "emulate" else 1
+
+    @property
+    def active_gemms(self) -> tuple:
+        if self.sic_mode == "token_dedup":
+            return tuple(g for g in self.gemms if g in DEDUP_GEMMS)
+        return self.gemms
+
+
+@dataclasses.dataclass
+class FocusStats:
+    num_visual: list[int] = dataclasses.field(default_factory=list)  # grid tokens per sample (original)
+    keep_per_stage: list[list[int]] = dataclasses.field(default_factory=list)  # per selected layer, per sample
+    visual_per_layer: list[int] = dataclasses.field(default_factory=list)  # sample 0: grid tokens entering each layer
+    tokens_per_layer: list[int] = dataclasses.field(default_factory=list)  # sample 0: sequence length per layer
+    # (gemm, layer) -> [similar vectors, zero vectors, vectors of the original grid]
+    sic_counts: dict = dataclasses.field(default_factory=dict)
+    # (gemm, layer) -> [rows computed, rows of the input] (token_dedup)
+    dedup_rows: dict = dataclasses.field(default_factory=dict)
+    cache_lengths: list[int] | None = None
+    prefills: int = 0
+
+    def sic_sparsity(self, gemm: str, layer: int) -> float:
+        sim, zero, total = self.sic_counts.get((gemm, layer), (0, 0, 0))
+        return (sim + zero) / total if total else 0.0
+
+    def rows_removed(self, gemm: str) -> float:
+        done = [v for (g, _), v in self.dedup_rows.items() if g == gemm]
+        total = sum(t for _, t in done)
+        return 1.0 - sum(c for c, _ in done) / total if total else 0.0
+
+
+class TraceRecorder:
+    """Sample 0 of the last prefill: kept sets per selected layer and neighbour codes per GEMM and layer."""
+
+    def __init__(self):
+        self.kept: dict[int, torch.Tensor] = {}  # selected layer -> int32 sorted grid indices
+        self.codes: dict[tuple[str, int], torch.Tensor] = {}  # (gemm, layer) -> uint8 (rows, n_vec)
+        self.roots: dict[tuple[str, int], torch.Tensor] = {}  # (gemm, layer) -> int64 (n_grid, n_vec) as computed
+        self.widths: dict[str, int] = {}
+
+    def clear(self) -> None:
+        self.kept.clear(); self.codes.clear(); self.roots.clear()
+
+
+class Site:
+    """One dedup point of one layer, shared by the linear layers that read the same input."""
+
+    def __init__(self, owner: "AttachedFocus", layer: int, gemm: str):
+        self.owner, self.layer, self.gemm = owner, layer, gemm
+        self._x = None
+        self._prepared = None
+
+    def reset(self) -> None:
+        self._x = self._prepared = None
+
+    def run(self, inner: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        owner = self.owner
+        if not owner.sic_live or x.dim() != 3 or x.shape[1] < 2:
+            return inner(x)
+        if self._x is not x:
+            self._x = x
+            self._prepared = owner.prepare(x, self.layer, self.gemm)
+        prep = self._prepared
+        if prep is None:
+            return inner(x)
+        if isinstance(prep, torch.Tensor):
+            return inner(prep)
+        B, L, C = x.shape
+        y = S.dedup_linear(inner, x.reshape(B * L, C), prep)
+        return y.view(B, L, y.shape[-1])
+
+
+class SICLinear(nn.Module):
+    """A linear layer whose input passes through a `Site` (emulation or gather -> GEMM -> scatter)."""
+
+    def __init__(self, inner: nn.Module, site: Site):
+        super().__init__()
+        self.inner = inner
+        self.site = site
+
+    @property
+    def weight(self):
+        return self.inner.weight
+
+    @property
+    def bias(self):
+        return getattr(self.inner, "bias", None)
+
+    def forward(self, x):
+        return self.site.run(self.inner, x)
+
+
+class AttachedFocus:
+    def __init__(self, model, adapter, config: FocusConfig):
+        T = adapter.num_layers
+        for i, layer in enumerate(config.selected_layers):
+            if layer > T - 2:
+                raise ConfigError(f"selected_layers[{i}] must be in [0, {T - 2}] for this model ({T} decoder "
+                                  f"layers; pruning acts from the next layer on), got {layer}")
+        if adapter.sliding_window_layers():
+            raise NotImplementedError("focus on models with sliding-window layers is not supported")
+        self.config = config
+        self.adapter = adapter
+        self.stats = FocusStats()
+        self.trace = TraceRecorder()
+        self.layout_source = PromptLayout(adapter, config.frames, config.allow_text_only, "focus")
+        self.pending: dict[int, torch.Tensor] = {}  # selected layer -> keep over current slots (mid_layer)
+        self.sic_live = False
+        self._targets: list[list[int]] = []
+        self.steps = [DelegateStep(self, layer + 1, layer, tag=i) for i, layer in enumerate(config.selected_layers)]
+        self.engine = None
+        for step in self.steps:
+            self.engine = PruningEngine.attach(model, adapter, step)
+        if self.engine is None:  # no SEC stage: the engine still gives the prefill bookkeeping
+            self.steps = [DelegateStep(self, 0, None, tag=None)]
+            self.engine = PruningEngine.attach(model, adapter, self.steps[0])
+        self._wrapped: list[tuple[nn.Module, str, nn.Module]] = []
+        self._sites: list[Site] = []
+        self._handles = [adapter.text_model.register_forward_pre_hook(self._on_text_model, with_kwargs=True),
+                         adapter.text_model.register_forward_hook(self._after_text_model)]
+        for i, layer in enumerate(adapter.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._count_layer(i), with_kwargs=True))
+        if config.sic_on:
+            self._wrap_linears()
+            if "query" in config.active_gemms:
+                self.engine._hub.query_transforms.append(self._query_transform)
+
+    # ----------------------------------------------------------------- wrapping
+    def _wrap_linears(self) -> None:
+        gemms = self.config.active_gemms
+        for i, layer in enumerate(self.adapter.layers):
+            attn, mlp = layer.self_attn, getattr(layer, "mlp", None)
+            plan = {"q_proj": (attn, ("q_proj", "k_proj", "v_proj")), "o_proj": (attn, ("o_proj",)),
+                    "gate_proj": (mlp, ("gate_proj", "up_proj")), "down_proj": (mlp, ("down_proj",))}
+            for gemm, (parent, names) in plan.items():
+                if gemm not in gemms:
+                    continue
+                if parent is None or not all(isinstance(getattr(parent, n, None), nn.Module) for n in names):
+                    raise NotImplementedError(f"focus: layer {i} has no {'/'.join(names)} linear layers")
+                site = Site(self, i, gemm)
+                self._sites.append(site)
+                for n in names:
+                    inner = getattr(parent, n)
+                    setattr(parent, n, SICLinear(inner, site))
+                    self._wrapped.append((parent, n, inner))
+
+    def remove(self) -> None:
+        for parent, name, inner in reversed(self._wrapped):
+            setattr(parent, name, inner)
+        self._wrapped.clear()
+        if self._query_transform in self.engine._hub.query_transforms:
+            self.engine._hub.query_transforms.remove(self._query_transform)
+        for h in self._handles:
+            h.remove()
+        for step in self.steps:
+            self.engine.detach(step)
+        self.layout_source.remove()
+
+    # ----------------------------------------------------------------- prefill bookkeeping
+    def _on_text_model(self, module, args, kwargs):
+        self.pending.clear()
+        self.sic_live = False
+        for site in self._sites:
+            site.reset()
+        req = self.engine.req
+        if req is None and not self.layout_source.ctx.fresh:
+            return None
+        if self.layout_source.ctx.fresh and self.layout_source.ctx.input_ids is not None:
+            ids = self.layout_source.ctx.input_ids
+            layout = self.layout_source.get(ids.shape[0], ids.shape[1], ids.device)
+            if layout is not None and sum(layout.n_grid) and ids.shape[1] > 1:
+                self.sic_live = self.config.sic_on
+                self.trace.clear()
+                self.stats.sic_counts, self.stats.dedup_rows = {}, {}
+                self.stats.visual_per_layer, self.stats.tokens_per_layer = [], []
+                self.stats.num_visual = list(layout.n_grid)
+                self.stats.keep_per_stage = [[] for _ in self.config.selected_layers]
+        return None
+
+    def _after_text_model(self, module, args, output):
+        if self.sic_live:
+            self.stats.prefills += 0  # counted in step_finish when SEC ran
+        self.sic_live = False
+        for site in self._sites:
+            site.reset()
+        return None
+
+    def _count_layer(self, i: int):
+        def hook(module, args, kwargs):
+            if not self.layout_source.ctx.fresh or self.layout_source.layout is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.shape[1] < 2 or len(self.stats.tokens_per_layer) != i:
+                return None
+            grid, _ = self.rows(i, mlp=False, B=hidden.shape[0], Lcur=hidden.shape[1], device=hidden.device)
+            # layer i's pre-hook order: the engine shrank the input first (its hooks were registered first)
+            self.stats.tokens_per_layer.append(int(hidden.shape[1]))
+            self.stats.visual_per_layer.append(int((grid[0] >= 0).sum()))
+            return None
+
+        return hook
+
+    # ----------------------------------------------------------------- SEC steps
+    def step_plan(self, step, visual, counts) -> bool:
+        if step.tag is None:
+            self.stats.num_visual = list(counts)
+            return bool(self.config.sic_on and sum(counts))
+        alpha = self.config.alpha_list[step.tag]
+        targets = [max(1, int(alpha * n)) if n else 0 for n in counts]
+        if step.tag == 0:
+            self._targets = []
+        self._targets.append(targets)
+        return any(k < n for k, n in zip(targets, counts)) or self.config.sic_on
+
+    def step_score(self, step, req, module, query, key, attention_mask, kwargs):
+        if step.tag is None:
+            return None
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+        visual = current_visual(req)
+        idx = torch.arange(visual.shape[1], device=query.device)
+        row_start = (torch.where(visual, idx, -1).amax(1) + 1).clamp(max=visual.shape[1] - 1)
+        score = key_scores(query, key, attention_mask, scaling, "text_rows", "max", "max", row_start)
+        score = score[:, -visual.shape[1]:]
+        targets = [min(t, int(c)) for t, c in zip(self._targets[step.tag], visual.sum(1).tolist())]
+        keep = topk_keep(score, visual, targets)
+        if self.config.placement == "mid_layer":
+            self.pending[step.score_layer] = ~visual | keep
+        return keep
+
+    def step_select(self, step, req, hidden):
+        if step.tag is None:
+            return None, list(req.visual_counts)
+        keep_vis = req.scores.pop(step, None)
+        if keep_vis is None:
+            raise RuntimeError(f"focus: no scores were recorded at layer {step.score_layer}")
+        self.pending.pop(step.score_layer, None)
+        visual = current_visual(req)
+        counts = keep_vis.sum(1).tolist()
+        self.stats.keep_per_stage[step.tag] = counts
+        if self.config.record_trace:
+            grid = self.layout_source.layout.grid_index.gather(1, req.kept)[0]
+            kept = grid[keep_vis[0]]
+            self.trace.kept[step.score_layer] = torch.sort(kept).values.to(torch.int32).cpu()
+        if all(k == n for k, n in zip(counts, visual.sum(1).tolist())):
+            return None, counts
+        return ~visual | keep_vis, counts
+
+    def step_finish(self, step, req, cache_lengths) -> None:
+        if step is self.steps[-1]:
+            self.stats.cache_lengths = cache_lengths
+            self.stats.prefills += 1
+
+    # ----------------------------------------------------------------- SIC
+    def rows(self, layer: int, mlp: bool, B: int, Lcur: int, device):
+        """(grid index per current row or -1, alive per row) for a GEMM of `layer`."""
+        layout = self.layout_source.layout
+        req = self.engine.req
+        if req is not None and req.kept.shape[1] == Lcur:
+            grid = layout.grid_index.to(device).gather(1, req.kept)
+            grid = torch.where(req.valid, grid, torch.full_like(grid, -1))
+        else:
+            grid = layout.grid_index.to(device)[:, :Lcur] if layout.grid_index.shape[1] == Lcur else \
+                torch.full((B, Lcur), -1, dtype=torch.long, device=device)
+        alive = grid >= 0
+        if mlp and layer in self.pending:
+            alive = alive & self.pending[layer]
+        return grid, alive
+
+    def prepare(self, x: torch.Tensor, layer: int, gemm: str):
+        """Emulation: the mean-replaced input; token_dedup: a DedupPlan over the flattened rows."""
+        cfg = self.config
+        B, Lcur, C = x.shape
+        grid, alive = self.rows(layer, gemm in MLP_GEMMS, B, Lcur, x.device)
+        layout = self.layout_source.layout
+        emulate = cfg.sic_mode == "emulate"
+        out = x.clone() if emulate else None
+        root_rows = None if emulate else torch.arange(B * Lcur, device=x.device)
+        counts = [0, 0, 0]
+        for b in range(B):
+            live = (alive[b]).nonzero().flatten()
+            n = layout.n_grid[b]
+            if n == 0:
+                continue
+            G = x.new_zeros(n, C)
+            G[grid[b, live]] = x[b, live]
+            offset = 0
+            codes, roots, new = [], [], []
+            for g in layout.grids[b]:
+                sub = G[offset:offset + g.size]
+                m = S.match_vectors(sub, g.frames, g.height, g.width, vector_size=cfg.vector,
+                                    threshold=cfg.similarity_threshold, frame_block=cfg.frame_block_size,
+                                    block=cfg.block, m_size=cfg.gemm_m_size, mask_row_wrap=cfg.mask_row_wrap)
+                codes.append(m.code)
+                roots.append(m.root + offset)
+                if emulate:
+                    new.append(S.group_mean(sub, m, cfg.vector))
+                offset += g.size
+            code = torch.cat(codes)
+            root = torch.cat(roots)
+            counts[0] += int(((code > 0) & (code != S.ZERO_CODE)).sum())
+            counts[1] += int((code == S.ZERO_CODE).sum())
+            counts[2] += code.numel()
+            if emulate:
+                out[b, live] = torch.cat(new)[grid[b, live]]
+            else:
+                row_of = torch.full((n,), -1, dtype=torch.long, device=x.device)
+                row_of[grid[b, live]] = live
+                root_rows[b * Lcur + live] = b * Lcur + row_of[root[grid[b, live], 0]]
+            if b == 0 and cfg.record_trace:
+                stored = torch.sort(grid[b, live]).values
+                self.trace.codes[(gemm, layer)] = code[stored].cpu()
+                self.trace.roots[(gemm, layer)] = root.cpu()
+                self.trace.widths[gemm] = C
+        prev = self.stats.sic_counts.get((gemm, layer), [0, 0, 0])
+        self.stats.sic_counts[(gemm, layer)] = [p + c for p, c in zip(prev, counts)]
+        if emulate:
+            return out
+        plan = S.dedup_plan(root_rows)
+        self.stats.dedup_rows[(gemm, layer)] = [plan.unique.numel(), B * Lcur]
+        return plan
+
+    def _query_transform(self, module, query, kwargs):
+        if not self.sic_live or query.shape[2] < 2:
+            return query
+        B, H, L, D = query.shape
+        flat = query.transpose(1, 2).reshape(B, L, H * D)
+        out = self.prepare(flat, module.layer_idx, "query")
+        return out.view(B, L, H, D).transpose(1, 2)
+
+
+@register_method("focus", family="video", config_cls=FocusConfig,
+                 summary="Focus: prompt-guided progressive pruning + similarity concentration of GEMM inputs")
+def attach_focus(model, adapter, config: FocusConfig) -> AttachedFocus:
+    return AttachedFocus(model, adapter, config)

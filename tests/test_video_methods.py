@@ -1,0 +1,254 @@
+"""Video token concentration (focus, framefusion, cmc, adaptiv) on tiny random video models."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mllm_efficiency as me
+from mllm_efficiency.adapters import get_adapter
+from mllm_efficiency.errors import ConfigError
+from mllm_efficiency.testing import tiny
+from mllm_efficiency.video import similarity as S
+from mllm_efficiency.video.adaptiv import grid_drop_mask
+from mllm_efficiency.video.framefusion import prune_ratio
+from mllm_efficiency.video.layout import build_layout
+from mllm_efficiency.video.tracegen import qwen_video_prompt
+
+
+@pytest.fixture(scope="module")
+def ov():
+    return tiny.tiny_llava_onevision(num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def ov_prompt(ov):
+    return tiny.onevision_video_prompt(ov, frames=8)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny.tiny_qwen2_5_vl(num_layers=4)
+
+
+def _logits(model, p):
+    with torch.no_grad():
+        return model(**p).logits
+
+
+NEUTRAL = [("focus", dict(selected_layers=(0, 1), alpha_list=(1.0, 1.0), similarity_threshold=1.0)),
+           ("focus", dict(selected_layers=(1,), alpha_list=(1.0,), similarity_threshold=1.0,
+                          sic_mode="token_dedup")),
+           ("framefusion", dict(cost=1.0, similarity_lower_bound=1.0)),
+           ("adaptiv", dict(threshold=1.0)),
+           ("cmc", dict(fc_threshold=0.0, query_threshold=0.0))]
+
+
+@pytest.mark.parametrize("name,cfg", NEUTRAL)
+def test_neutral_settings_leave_logits_unchanged(ov, ov_prompt, name, cfg):
+    ref = _logits(ov, ov_prompt)
+    with me.apply(ov, name, **cfg):
+        out = _logits(ov, ov_prompt)
+    assert torch.equal(out, ref)
+    assert torch.equal(_logits(ov, ov_prompt), ref)  # removed cleanly
+
+
+def test_neutral_focus_on_qwen25_vl_video(qwen):
+    p = qwen_video_prompt(frames=4)
+    ref = _logits(qwen, p)
+    with me.apply(qwen, "focus", selected_layers=(0,), alpha_list=(1.0,), similarity_threshold=1.0):
+        assert torch.equal(_logits(qwen, p), ref)
+
+
+def test_layout_reproduces_visual_token_count(ov, ov_prompt, qwen):
+    a = get_adapter(ov)
+    lay = build_layout(a, ov_prompt["input_ids"], {"pixel_values_videos": ov_prompt["pixel_values_videos"]})
+    g = lay.grids[0][0]
+    n_video = int((ov_prompt["input_ids"] == tiny.VIDEO_TOKEN).sum())
+    assert (g.frames, g.height * g.width) == (8, 4)
+    assert g.size in (n_video, n_video - 1)  # the video newline is not on the grid
+    p = qwen_video_prompt(frames=4)
+    lay = build_layout(get_adapter(qwen), p["input_ids"], p)
+    g = lay.grids[0][0]
+    assert (g.frames, g.height, g.width) == (2, 2, 2) and g.size == int((p["input_ids"] == tiny.QWEN_VIDEO).sum())
+
+
+def test_sec_keep_counts_come_from_the_original_count(ov, ov_prompt):
+    alphas = (0.5, 0.3, 0.2)
+    with me.apply(ov, "focus", selected_layers=(0, 1, 2), alpha_list=alphas, sec_only=True) as h:
+        _logits(ov, ov_prompt)
+        n = h.stats.num_visual[0]
+        assert h.stats.keep_per_stage == [[max(1, int(a * n))] for a in alphas]
+        assert h.stats.visual_per_layer == [n] + [max(1, int(a * n)) for a in alphas]
+
+
+def test_sec_importance_is_max_max_of_text_rows_like_eager(ov_prompt):
+    """The kept set equals the top-k of an eager max-over-heads, max-over-text-rows reference."""
+    model = tiny.tiny_llava_onevision(num_layers=3, attn_implementation="eager")
+    ids = ov_prompt["input_ids"]
+    with torch.no_grad():
+        out = model(**ov_prompt, output_attentions=True)
+    visual = (ids[0] == tiny.VIDEO_TOKEN).nonzero().flatten()[:-1]  # the newline is not a grid token
+    last = int(visual.max())  # query rows: every token after the grid (the newline is text)
+    att = out.attentions[0][0]  # layer 0: (H, L, L)
+    imp = att[:, last + 1:, :].amax(0).amax(0)[visual]
+    k = max(1, int(0.5 * visual.numel()))
+    expected = set(visual[torch.sort(imp, descending=True, stable=True).indices[:k]].tolist())
+    with torch.no_grad(), me.apply(model, "focus", selected_layers=(0,), alpha_list=(0.5,), sec_only=True,
+                                   record_trace=True) as h:
+        model(**ov_prompt)
+        kept = set((visual[h._attached.trace.kept[0].long()]).tolist())
+    assert kept == expected
+
+
+def test_placements_give_equal_kept_states(ov, ov_prompt):
+    res = []
+    for placement in ("mid_layer", "next_layer"):
+        with me.apply(ov, "focus", selected_layers=(0, 1), alpha_list=(0.5, 0.25), sec_only=True,
+                      placement=placement):
+            res.append(_logits(ov, ov_prompt))
+    assert torch.equal(res[0], res[1])
+
+
+def test_methods_prune_and_generate(ov, ov_prompt):
+    for name, cfg in [("focus", dict(selected_layers=(0, 1), alpha_list=(0.5, 0.25))),
+                      ("focus", dict(selected_layers=(0, 1), alpha_list=(0.5, 0.25), sic_mode="token_dedup",
+                                     similarity_threshold=0.0)),
+                      ("framefusion", dict(similarity_lower_bound=-1.0)), ("adaptiv", dict(threshold=0.0))]:
+        with me.apply(ov, name, **cfg) as h:
+            with torch.no_grad():
+                out = ov.generate(**ov_prompt, max_new_tokens=3, do_sample=False)
+            assert out.shape[1] == ov_prompt["input_ids"].shape[1] + 3
+            assert min(h.stats.cache_lengths) < ov_prompt["input_ids"].shape[1] + 2
+
+
+# ----------------------------------------------------------------------------- SIC core
+def _planted_grid():
+    """2 frames of 2x3 tokens, 2 vectors of width 4; planted exact duplicates."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 8, generator=g)
+    x[1, :4] = x[0, :4] * 2.0  # left neighbour, vector 0 (cosine 1)
+    x[2, :4] = x[1, :4]  # chain 2 -> 1 -> 0
+    x[6 + 4, 4:] = x[4, 4:]  # previous frame, same position, vector 1
+    x[7] = 0.0  # all-zero token
+    return x
+
+
+def test_sic_matching_finds_planted_groups():
+    x = _planted_grid()
+    m = S.match_vectors(x, 2, 2, 3, vector_size=4, threshold=0.999, frame_block=2, block=2)
+    sim = {(int(t), int(v)) for t, v in m.similar.nonzero()}
+    assert sim == {(1, 0), (2, 0), (10, 1)}
+    assert m.root[2, 0] == 0 and m.root[1, 0] == 0 and m.root[10, 1] == 4  # earliest member is the root
+    assert bool(m.zero[7].all())
+    assert m.code[10, 1] == 4  # prev-same is candidate 4 in the spec's order
+    ref = x.clone()
+    mean = (x[0, :4] + x[1, :4] + x[2, :4]) / 3
+    ref[0, :4] = ref[1, :4] = ref[2, :4] = mean
+    ref[4, 4:] = ref[10, 4:] = (x[4, 4:] + x[10, 4:]) / 2
+    assert torch.allclose(S.group_mean(x, m, 4), ref, atol=1e-6, rtol=0)
+
+
+def test_sic_threshold_is_strict_and_tiles_mask_candidates():
+    x = _planted_grid()
+    m = S.match_vectors(x, 2, 2, 3, vector_size=4, threshold=1.0, frame_block=2, block=2)
+    assert not bool(m.similar.any())
+    # one unpruned token per tile: no candidate is in the same tile
+    m = S.match_vectors(x, 2, 2, 3, vector_size=4, threshold=0.999, frame_block=2, block=2, m_size=1)
+    assert not bool(m.similar.any())
+    # tiles of 6 unpruned tokens: 10 and 4 fall in different tiles (the zero token 7 is not counted)
+    m = S.match_vectors(x, 2, 2, 3, vector_size=4, threshold=0.999, frame_block=2, block=2, m_size=6)
+    assert not bool(m.similar[10, 1]) and bool(m.similar[1, 0])
+
+
+def test_gather_gemm_scatter_equals_dense_gemm_on_averaged_input():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 5, bias=True)
+    with torch.no_grad():  # dyadic weights and inputs: every sum is exact, whatever the GEMM blocking
+        lin.weight.copy_(torch.randint(-4, 5, (5, 8)) / 8)
+        lin.bias.copy_(torch.randint(-4, 5, (5,)) / 8)
+    x = torch.randint(-8, 9, (10, 8)).float() / 4
+    root = torch.tensor([0, 0, 2, 3, 2, 5, 0, 3, 8, 0])  # groups {0,1,6,9}, {2,4}, {3,7} and singletons
+    x[1] = x[0]; x[6] = x[0] + 0.25  # members differ: the mean matters
+    plan = S.dedup_plan(root)
+    rows = []
+    h = lin.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    with torch.no_grad():
+        y = S.dedup_linear(lin, x, plan)
+        h.remove()
+        averaged = x.clone()
+        for r in root.unique():
+            members = (root == r).nonzero().flatten()
+            averaged[members] = x[members].mean(0)
+        dense = lin(averaged)
+    assert rows == [5]  # the GEMM ran on the unique rows only
+    assert torch.equal(y, dense)
+
+
+def test_token_dedup_equals_token_level_emulation(ov, ov_prompt):
+    cfg = dict(selected_layers=(1,), alpha_list=(0.5,), similarity_threshold=0.3, vector_size=0, block_size=1,
+               gemms=("q_proj", "o_proj", "gate_proj", "down_proj"))
+    with me.apply(ov, "focus", **cfg):
+        emu = _logits(ov, ov_prompt)
+    with me.apply(ov, "focus", sic_mode="token_dedup", **cfg) as h:
+        fast = _logits(ov, ov_prompt)
+        assert h.stats.rows_removed("q_proj") > 0
+    assert torch.allclose(emu, fast, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- baselines
+@pytest.mark.parametrize("T", [28, 80])
+def test_framefusion_budget_arithmetic(T):
+    hist = [0.3, 0.2]
+    s1, s2 = 0.7, 0.7 * 0.8
+    share = (T * 0.3 - (s1 + s2)) / ((T - 2) * s2)
+    assert math.isclose(prune_ratio(hist, T, 0.3), max(0.0, 1 - share))
+    assert prune_ratio([], T, 0.3) == pytest.approx(0.7)
+    assert prune_ratio([0.9, 0.9], T, 0.3) == 0.0  # merging already beat the budget
+
+
+def test_framefusion_uses_the_models_layer_count(ov, ov_prompt):
+    with me.apply(ov, "framefusion", similarity_lower_bound=-1.0) as h:
+        _logits(ov, ov_prompt)
+        n = h.stats.num_visual[0]
+        # everything is a candidate: r >= p, so floor(p * n) tokens merge with p from T = 4 layers
+        assert h.stats.visual_per_layer[1] == n - math.floor(prune_ratio([], 4, 0.3) * n)
+
+
+def test_adaptiv_never_drops_margins_or_first_frame():
+    x = torch.ones(3 * 4 * 4, 16)  # every neighbour identical: everything else is dropped
+    drop = grid_drop_mask(x, 3, 4, 4, 0.5).view(3, 4, 4)
+    assert not drop[0].any() and not drop[:, 0].any() and not drop[:, :, 0].any()
+    assert drop[1:, 1:, 1:].all()
+
+
+def test_cmc_sparsity_at_most_seven_eighths(ov, ov_prompt):
+    with me.apply(ov, "cmc", fc_threshold=1e9, query_threshold=1e9) as h:
+        _logits(ov, ov_prompt)
+        assert h.stats.linear_sparsity == pytest.approx(7 / 8)
+        assert h.stats.query_sparsity <= 7 / 8
+
+
+# ----------------------------------------------------------------------------- bad hyperparameters
+@pytest.mark.parametrize("name,cfg,field", [
+    ("focus", dict(alpha_list=(0.4, 0.3)), "same length"),
+    ("focus", dict(selected_layers=(0,), alpha_list=(1.5,)), "alpha_list[0]"),
+    ("focus", dict(selected_layers=(2, 1), alpha_list=(0.5, 0.4)), "strictly increasing"),
+    ("focus", dict(similarity_threshold=1.5), "similarity_threshold"),
+    ("focus", dict(vector_size=-3), "vector_size"),
+    ("focus", dict(block_size=1, frame_block_size=1), "block_size"),
+    ("focus", dict(gemm_m_size=0), "gemm_m_size"),
+    ("focus", dict(sic_mode="fast"), "sic_mode"),
+    ("framefusion", dict(cost=0.0), "cost"),
+    ("adaptiv", dict(threshold=2.0), "threshold"),
+    ("cmc", dict(interval_size=1), "interval_size"),
+])
+def test_bad_hyperparameters_are_rejected(ov, name, cfg, field):
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        me.apply(ov, name, **cfg)
+
+
+def test_selected_layer_beyond_model_is_rejected(ov):
+    with pytest.raises(ConfigError, match=r"selected_layers\[1\] must be in \[0, 2\]"):
+        me.apply(ov, "focus")  # default schedule (2, 5, ...) does not fit 4 layers
