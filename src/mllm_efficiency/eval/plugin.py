@@ -1,0 +1,314 @@
+"""lmms-eval model plugin `--model mllm_efficiency`: any supported HF VLM plus any method chain.
+
+Registered from outside lmms-eval through the entry-point group ``lmms_eval.models`` (``MANIFEST`` below), or in
+code with `register()`. Example:
+
+    lmms-eval --model mllm_efficiency \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=fastv+snapkv,fastv.k=2,ratio=0.5 \\
+        --tasks textvqa_val --batch_size 1 --output_path results/
+
+model_args: ``pretrained`` (a model directory, or ``shapes-vlm`` = the embedded default), ``method`` (``vanilla``
+or names joined by ``+``), any method parameter (bare = every method having it, ``name.param`` = one method),
+``attn_implementation``, ``device``, ``device_map``, ``dtype``, ``batch_size``, ``max_new_tokens``,
+``conv_template`` (chatml / vicuna / plain; default: the processor's chat template), ``max_frames_num``,
+``customized_config`` (a JSON/YAML file of method parameters), ``efficiency_log`` (a .jsonl path for the
+per-sample efficiency numbers; a ``*.summary.json`` is written beside it).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+
+from ..errors import ConfigError
+from . import efficiency
+from .methods import parse_chain
+
+MODEL_ID = "mllm_efficiency"
+MANIFEST = ModelManifest(model_id=MODEL_ID, simple_class_path="mllm_efficiency.eval.plugin.MLLMEfficiency")
+
+VICUNA_TEMPLATE = ("{% for message in messages %}{% if loop.index0 == 0 %}A chat between a curious user and an "
+                   "artificial intelligence assistant. USER: {{ message['content'] }} {% elif message['role'] == "
+                   "'user' %}USER: {{ message['content'] }} {% else %} ASSISTANT: {{ message['content'] }}"
+                   "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+CONV_TEMPLATES = ("chatml", "vicuna", "plain")
+_RESERVED = {"pretrained", "method", "device", "device_map", "dtype", "batch_size", "attn_implementation",
+             "max_new_tokens", "conv_template", "max_frames_num", "customized_config", "efficiency_log",
+             "trust_remote_code", "use_cache"}
+
+
+def register() -> None:
+    """Register the plugin with lmms-eval in this process (what the entry point does at import)."""
+    from lmms_eval.models import MODEL_REGISTRY_V2
+
+    MODEL_REGISTRY_V2.register_manifest(MANIFEST, overwrite=True)
+
+
+def _load_params_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"customized_config: no such file {path!r}")
+    text = p.read_text()
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"customized_config: {path} must hold a mapping of method parameters")
+    return data
+
+
+def _dtype(value: Any):
+    if value in (None, "auto"):
+        return None
+    if isinstance(value, torch.dtype):
+        return value
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(str(value), str(value))
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16; got {value!r}")
+    return dt
+
+
+def load_vlm(pretrained: str, dtype=None, attn_implementation: str = "sdpa", device_map: Any = None,
+             trust_remote_code: bool = False):
+    """(model, processor) for the embedded default alias or a local Hugging Face VLM directory."""
+    from .shapes_vlm import ALIAS, load_shapes_vlm
+
+    if pretrained in (ALIAS, "default"):
+        model, processor = load_shapes_vlm(dtype=dtype, attn_implementation=attn_implementation, device=None)
+        return model, processor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs = dict(dtype=dtype or "auto", attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModelForImageTextToText.from_pretrained(pretrained, **kwargs).eval()
+    processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+    return model, processor
+
+
+class MLLMEfficiency(lmms):
+    is_simple = True
+
+    def __init__(self, pretrained: str = "shapes-vlm", method: str = "vanilla", device: str | None = None,
+                 device_map: str = "", dtype: str = "auto", batch_size: int | str = 1,
+                 attn_implementation: str = "sdpa", max_new_tokens: int = 16, conv_template: str | None = None,
+                 max_frames_num: int = 8, customized_config: str | None = None, efficiency_log: str | None = None,
+                 trust_remote_code: bool = False, use_cache: bool = True, **method_params: Any) -> None:
+        super().__init__()
+        from accelerate import Accelerator
+
+        params = _load_params_file(customized_config) if customized_config else {}
+        params.update(method_params)
+        self.chain = parse_chain(str(method), params)  # bad method / parameter: fail before loading weights
+        self.batch_size_per_gpu = int(batch_size)
+        if self.batch_size_per_gpu < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if conv_template is not None and conv_template not in CONV_TEMPLATES:
+            raise ConfigError(f"conv_template must be one of {list(CONV_TEMPLATES)}, got {conv_template!r}")
+        if int(max_frames_num) < 1:
+            raise ConfigError(f"max_frames_num must be >= 1, got {max_frames_num}")
+        self.conv_template, self.max_frames_num = conv_template, int(max_frames_num)
+        self.max_new_tokens, self.use_cache = int(max_new_tokens), bool(use_cache)
+
+        accelerator = Accelerator()
+        self.accelerator = accelerator
+        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        if accelerator.num_processes > 1:  # data parallel: one full model per process
+            self._device = torch.device(f"cuda:{accelerator.local_process_index}")
+            device_map = ""
+        else:
+            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, processor = load_vlm(str(pretrained), _dtype(dtype), attn_implementation, device_map or None,
+                                    trust_remote_code)
+        if not device_map:
+            model = model.to(self._device)
+        self._model, self.processor = model, processor
+        self._tokenizer = getattr(processor, "tokenizer", processor)
+        self._tokenizer.padding_side = "left"
+        if self._tokenizer.pad_token_id is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self.handles = self.chain.apply(model)
+        self.efficiency_rows: list[dict] = []
+        log = efficiency_log or os.environ.get("MLLM_EFF_EFFICIENCY_LOG")
+        if log and self._world_size > 1:
+            log = str(Path(log).with_suffix(f".rank{self._rank}.jsonl"))
+        self.efficiency_log = Path(log) if log else None
+
+    # ---------------------------------------------------------------- lmms-eval properties
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def batch_size(self):
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def eot_token_id(self):
+        return self._tokenizer.eos_token_id
+
+    # ---------------------------------------------------------------- prompts
+    def _visuals(self, visuals) -> list:
+        from PIL import Image
+
+        flat = []
+        for v in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
+            if isinstance(v, (list, tuple)):
+                flat.extend(self._visuals(v))
+            elif isinstance(v, Image.Image):
+                flat.append(v.convert("RGB"))
+            elif isinstance(v, str):
+                flat.extend(self._video_frames(v))
+            else:
+                raise TypeError(f"unsupported visual of type {type(v).__name__} (expected PIL images or a video path)")
+        return flat
+
+    def _video_frames(self, path: str) -> list:
+        """A video file as up to max_frames_num uniformly sampled frames (PIL); needs the `av` package."""
+        try:
+            import av
+        except ImportError as e:
+            raise ImportError(f"reading the video {path} needs the `av` package (pip install av)") from e
+        with av.open(path) as container:
+            frames = [f.to_image() for f in container.decode(video=0)]
+        if not frames:
+            raise ValueError(f"no frames decoded from {path}")
+        n = min(self.max_frames_num, len(frames))
+        idx = [round(i * (len(frames) - 1) / max(n - 1, 1)) for i in range(n)]
+        return [frames[i] for i in idx]
+
+    def build_prompt(self, context: str, num_images: int) -> str:
+        image_token = getattr(self.processor, "image_token", "<image>")
+        text = context.replace("<image>", "").replace(image_token, "").strip() if num_images else context
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+        if self.conv_template == "plain":
+            return (image_token + "\n") * num_images + text
+        if self.conv_template == "vicuna":
+            msg = [{"role": "user", "content": (image_token + "\n") * num_images + text}]
+            return self._tokenizer.apply_chat_template(msg, chat_template=VICUNA_TEMPLATE, tokenize=False,
+                                                       add_generation_prompt=True)
+        if self.conv_template == "chatml" or getattr(self.processor, "chat_template", None):
+            from .local_processor import CHATML_TEMPLATE
+
+            template = None if self.conv_template is None else CHATML_TEMPLATE.replace("{{ image_token }}",
+                                                                                          image_token)
+            return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                      chat_template=template, tokenize=False,
+                                                      add_generation_prompt=True)
+        return (image_token + "\n") * num_images + text
+
+    # ---------------------------------------------------------------- generation
+    def _generate_batch(self, contexts: list[str], visuals: list[list], gen_kwargs: dict) -> list[str]:
+        gen_kwargs = dict(gen_kwargs)
+        until = gen_kwargs.pop("until", None)
+        until = [until] if isinstance(until, str) else list(until or [])
+        max_new = int(gen_kwargs.pop("max_new_tokens", self.max_new_tokens))
+        temperature = float(gen_kwargs.pop("temperature", 0) or 0)
+        prompts = [self.build_prompt(c, len(v)) for c, v in zip(contexts, visuals)]
+        images = [im for v in visuals for im in v]
+        kwargs = dict(text=prompts, return_tensors="pt", padding=len(prompts) > 1)
+        if images:
+            kwargs["images"] = images
+        inputs = self.processor(**kwargs).to(self._device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        clock = efficiency.StepClock(self._device)
+        sample = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        with torch.inference_mode():
+            out = self._model.generate(**inputs, max_new_tokens=max_new, streamer=clock, use_cache=self.use_cache,
+                                       return_dict_in_generate=True, pad_token_id=self._tokenizer.pad_token_id,
+                                       **sample)
+        prompt_len = inputs["input_ids"].shape[1]
+        new = out.sequences[:, prompt_len:]
+        image_id = getattr(self._model.config, "image_token_id", None)
+        texts = []
+        for row in range(new.shape[0]):
+            tokens = new[row]
+            eos = self._tokenizer.eos_token_id
+            n_gen = int((tokens != self._tokenizer.pad_token_id).sum()) if eos == self._tokenizer.pad_token_id \
+                else tokens.shape[0]
+            text = self._tokenizer.decode(tokens, skip_special_tokens=True)
+            for stop in until:
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+            texts.append(text.strip())
+            real = int(inputs["attention_mask"][row].sum()) if "attention_mask" in inputs else prompt_len
+            n_visual = int((inputs["input_ids"][row] == image_id).sum()) if image_id is not None else 0
+            eff = efficiency.measure(self._model, self.handles, clock, out, real, n_visual, max(n_gen, 1), row)
+            self.efficiency_rows.append({"method": self.chain.label, **eff.as_dict(), "batch": len(prompts)})
+        return texts
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        from tqdm import tqdm
+
+        results: list[str] = []
+        args = [r.args for r in requests]
+        pbar = tqdm(total=len(args), disable=self._rank != 0, desc="mllm_efficiency")
+        for start in range(0, len(args), self.batch_size_per_gpu):
+            chunk = args[start:start + self.batch_size_per_gpu]
+            contexts, visuals, gen_kwargs = [], [], chunk[0][1]
+            for context, _, doc_to_visual, doc_id, task, split in chunk:
+                doc = self.task_dict[task][split][doc_id]
+                contexts.append(context)
+                visuals.append(self._visuals(doc_to_visual(doc)) if doc_to_visual is not None else [])
+            texts = self._generate_batch(contexts, visuals, gen_kwargs)
+            for (_, _, _, doc_id, task, _), row in zip(chunk, self.efficiency_rows[-len(chunk):]):
+                row.update(doc_id=doc_id, task=task)
+            results.extend(texts)
+            pbar.update(len(chunk))
+        pbar.close()
+        self._write_efficiency()
+        return results
+
+    def _write_efficiency(self) -> None:
+        if self.efficiency_log is None:
+            return
+        self.efficiency_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.efficiency_log, "w") as f:
+            for row in self.efficiency_rows:
+                f.write(json.dumps(row) + "\n")
+        summary = {"method": self.chain.label, "method_params": [dict(c) for c in self.chain.configs],
+                   **efficiency.summarize([{k: v for k, v in r.items() if k not in ("doc_id", "batch")}
+                                           for r in self.efficiency_rows])}
+        self.efficiency_log.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        res = []
+        for context, continuation, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+            doc = self.task_dict[task][split][doc_id]
+            if callable(continuation):
+                continuation = continuation(doc)
+            visuals = self._visuals(doc_to_visual(doc)) if doc_to_visual is not None else []
+            prompt = self.build_prompt(context, len(visuals))
+            kw = dict(images=visuals) if visuals else {}
+            full = self.processor(text=[prompt + continuation], return_tensors="pt", **kw).to(self._device)
+            ctx_len = self.processor(text=[prompt], return_tensors="pt", **kw)["input_ids"].shape[1]
+            if "pixel_values" in full:
+                full["pixel_values"] = full["pixel_values"].to(self._model.dtype)
+            with torch.inference_mode():
+                logits = self._model(**full).logits[:, ctx_len - 1:-1].float()
+            target = full["input_ids"][:, ctx_len:]
+            logp = torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            res.append((float(logp.sum()), bool((logits.argmax(-1) == target).all())))
+        return res
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("mllm_efficiency: multi-round generation is not supported")

@@ -1,0 +1,151 @@
+"""`run_eval TASK MODEL METHOD RATIO [extra lmms-eval args]`: validate, then run lmms-eval's CLI with our plugin.
+
+RATIO is the fraction of tokens REMOVED (FastV's R, kvpress's compression_ratio); the kept fraction is printed
+too (the seed project's RATIO meant "kept"). Results go to results/<task>/<model>/<method>_<ratio>/ unless
+--output_path is given. Local synthetic tasks (shapes_vqa, shapes_video) are written and included automatically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from .methods import parse_chain, split_names
+from .tasks import LOCAL_TASKS, write_task_dir
+
+DEFAULT_TASK, DEFAULT_MODEL = "shapes_vqa", "shapes-vlm"
+# the offline default: vanilla and FastV (K=2, R=0.75), then the score table
+DEFAULT_RUNS = (("vanilla", 0.0, ""), ("fastv", 0.75, "k=2"))
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclasses.dataclass
+class EvalRun:
+    task: str
+    model: str
+    method: str
+    ratio: float
+    method_args: str = ""  # extra method parameters "k=3,scorer=random"
+    extra: list[str] = dataclasses.field(default_factory=list)
+    results_root: str = "results"
+
+    @property
+    def model_name(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.model.rstrip("/")).name or self.model)
+
+    @property
+    def label(self) -> str:
+        names = split_names(self.method)
+        name = "+".join(names) if names else "vanilla"
+        if self.method_args:
+            name += "-" + re.sub(r"[^A-Za-z0-9.=-]+", "_", self.method_args).replace("=", "")
+        return f"{name}_{self.ratio:g}"
+
+    @property
+    def output_dir(self) -> Path:
+        for i, arg in enumerate(self.extra):
+            if arg == "--output_path" and i + 1 < len(self.extra):
+                return Path(self.extra[i + 1])
+            if arg.startswith("--output_path="):
+                return Path(arg.split("=", 1)[1])
+        return Path(self.results_root) / self.task / self.model_name / self.label
+
+
+def parse_ratio(text) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"RATIO must be a number in [0, 1) (fraction of tokens removed), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"RATIO must be in [0, 1) (fraction of tokens removed; kept = 1 - RATIO), got {value:g}")
+    return value
+
+
+def _method_params(run: EvalRun) -> dict:
+    params = {}
+    if split_names(run.method):
+        params["ratio"] = run.ratio
+    for item in filter(None, (s.strip() for s in run.method_args.split(","))):
+        if "=" not in item:
+            raise ConfigError(f"--method_args items must be key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        params[k.strip()] = _literal(v.strip())
+    return params
+
+
+def _literal(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+def validate(run: EvalRun) -> None:
+    """Every check that can fail before lmms-eval starts (unknown method, parameters out of range, ratio)."""
+    parse_ratio(run.ratio)
+    names = split_names(run.method)
+    if not names and run.ratio != 0:
+        raise ConfigError(f"RATIO must be 0 for method {run.method!r} (nothing is removed), got {run.ratio:g}")
+    parse_chain(run.method, _method_params(run))
+    if "--model_args" in run.extra or any(a.startswith("--model_args=") for a in run.extra):
+        raise ConfigError("pass method parameters with --method_args k=v,...; --model_args is built by run_eval")
+
+
+def lmms_args(run: EvalRun, include_path: Path | None) -> list[str]:
+    out = run.output_dir
+    model_args = [f"pretrained={run.model}", f"method={run.method}"]
+    model_args += [f"{k}={v}" for k, v in _method_params(run).items()]
+    model_args.append(f"efficiency_log={out / 'efficiency.jsonl'}")
+    args = ["--model", "mllm_efficiency", "--model_args", ",".join(model_args), "--tasks", run.task,
+            "--batch_size", "1"]
+    if include_path is not None:
+        args += ["--include_path", str(include_path)]
+    if not any(a == "--output_path" or a.startswith("--output_path=") for a in run.extra):
+        args += ["--output_path", str(out)]
+    if "--batch_size" in run.extra:
+        i = args.index("--batch_size")
+        del args[i:i + 2]
+    return args + list(run.extra)
+
+
+def find_results(out_dir: Path) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(str(out_dir / "**" / "*results*.json"), recursive=True))
+
+
+def execute(run: EvalRun, python: str = sys.executable, launcher: list[str] | None = None) -> int:
+    """Run one evaluation in a child process; non-zero if lmms-eval wrote no results (its CLI exits 0 on errors)."""
+    validate(run)
+    include = None
+    tasks = [t.strip() for t in run.task.split(",")]
+    local = [t for t in tasks if t in LOCAL_TASKS]
+    if local:
+        include = write_task_dir(tasks=local)
+    out = run.output_dir
+    before = set(find_results(out))
+    keep = 1.0 - run.ratio
+    print(f"[run_eval] task={run.task} model={run.model} method={run.method} ratio removed={run.ratio:g} "
+          f"(kept fraction {keep:g}) -> {out}", flush=True)
+    cmd = (launcher or [python]) + ["-m", "mllm_efficiency.eval.lmms_main"] + lmms_args(run, include)
+    print("[run_eval] " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    env = {**os.environ, **({k: v for k, v in OFFLINE_ENV.items() if k not in os.environ})}
+    rc = subprocess.call(cmd, env=env)
+    new = [p for p in find_results(out) if p not in before]
+    if rc != 0:
+        return rc
+    if not new:
+        print(f"[run_eval] error: lmms-eval wrote no results under {out} (see the log above)", file=sys.stderr)
+        return 1
+    (out / "run.json").write_text(json.dumps({"task": run.task, "model": run.model, "method": run.method,
+                                              "ratio": run.ratio, "kept_fraction": keep,
+                                              "method_args": run.method_args, "results": str(new[-1])}, indent=1))
+    return 0

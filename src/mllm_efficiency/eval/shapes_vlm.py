@@ -1,0 +1,149 @@
+"""The embedded default VLM ("shapes-vlm"): a frozen pretrained LLM backbone (SmolLM2-135M-Instruct from the zoo)
+plus a small CLIP vision tower and a 2-layer projector trained by scripts/train_tiny_vlm.py on the synthetic shapes
+data. It is an ordinary `LlavaForConditionalGeneration`, so every method runs on it unchanged.
+
+Only the trained parts (vision tower + projector, fp16 safetensors, a few MB) are stored in the package, under
+``assets/shapes_vlm/``; `load_shapes_vlm()` assembles the full model offline from the backbone package and them.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .local_processor import llava_processor
+
+ALIAS = "shapes-vlm"
+BACKBONE = "smollm2-135m"
+ASSETS_DIR = Path(__file__).parent / "assets" / "shapes_vlm"
+WEIGHTS_FILE = "vision_projector.safetensors"
+INFO_FILE = "train_info.json"
+IMAGE_TOKEN = "<empty_output>"  # an unused special token of SmolLM2's vocabulary: no new embedding row needed
+IMAGE_SIZE = 96
+PATCH_SIZE = 12  # (96 / 12)**2 = 64 image tokens per image
+VISION_CONFIG = dict(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=256,
+                     intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256)
+TRAINED_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+def tokens_per_image(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> int:
+    return (image_size // patch_size) ** 2
+
+
+def llava_config(text_config: Any, image_token_id: int, vision_config: dict | None = None,
+                 attn_implementation: str = "sdpa"):
+    from transformers import LlavaConfig
+
+    vision = dict(VISION_CONFIG if vision_config is None else vision_config)
+    n = (vision["image_size"] // vision["patch_size"]) ** 2
+    text = text_config.to_dict() if hasattr(text_config, "to_dict") else dict(text_config)
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token_id,
+                       vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=n,
+                       projector_hidden_act="gelu", tie_word_embeddings=text.get("tie_word_embeddings", False),
+                       attn_implementation=attn_implementation)
+
+
+def assemble(lm, tokenizer, *, vision_config: dict | None = None, image_token: str = IMAGE_TOKEN,
+             trained: dict[str, torch.Tensor] | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
+    """LLaVA from a causal LM (its weights copied unchanged) + a vision tower / projector (`trained`, or random
+    with `seed`). Returns (model, processor)."""
+    from transformers import LlavaForConditionalGeneration
+
+    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+        raise ConfigError(f"image_token {image_token!r} is not a token of the backbone's tokenizer")
+    cfg = llava_config(lm.config, image_token_id, vision_config, attn_implementation)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
+    embed = model.model.language_model.embed_tokens.weight
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = embed
+    else:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(lm.lm_head.weight)
+    if trained is not None:
+        load_trained_parts(model, trained)
+    model = model.to(lm.dtype).eval()
+    vision = cfg.vision_config
+    processor = llava_processor(tokenizer, vision.image_size, vision.patch_size, image_token)
+    return model, processor
+
+
+def trained_parts(model) -> dict[str, torch.Tensor]:
+    """The state dict of what training changes (vision tower + projector)."""
+    return {k: v for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
+
+
+def load_trained_parts(model, state: dict[str, torch.Tensor]) -> None:
+    expected = set(trained_parts(model))
+    got = set(state)
+    if got != expected:
+        raise ConfigError(f"trained weights do not fit this model: missing {sorted(expected - got)[:5]}, "
+                          f"unexpected {sorted(got - expected)[:5]}")
+    own = model.state_dict()
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].dtype))
+
+
+def save_trained_parts(model, out_dir: str | Path, info: dict | None = None, dtype=torch.float16) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in trained_parts(model).items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    meta = {"vision_config": model.config.vision_config.to_dict(), **(info or {})}
+    (out / INFO_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    return out / WEIGHTS_FILE
+
+
+def has_trained_weights(weights_dir: str | Path = ASSETS_DIR) -> bool:
+    return (Path(weights_dir) / WEIGHTS_FILE).is_file()
+
+
+def load_shapes_vlm(weights_dir: str | Path | None = None, *, backbone: str = BACKBONE, dtype: Any = None,
+                    device: Any = "cpu", attn_implementation: str = "sdpa", allow_untrained: bool = True):
+    """Assemble the default VLM offline: backbone from the zoo + trained vision tower/projector from `weights_dir`
+    (default: the package's assets). Without trained weights it warns and uses a seeded random tower, unless
+    `allow_untrained=False`. Returns (model, processor)."""
+    from safetensors.torch import load_file
+
+    from ..zoo import load_model
+
+    weights_dir = Path(weights_dir) if weights_dir is not None else ASSETS_DIR
+    lm, tok = load_model(backbone, dtype=dtype, device="cpu", attn_implementation=attn_implementation)
+    trained, vision_config = None, None
+    if has_trained_weights(weights_dir):
+        trained = load_file(str(weights_dir / WEIGHTS_FILE))
+        info_path = weights_dir / INFO_FILE
+        if info_path.is_file():
+            vc = json.loads(info_path.read_text()).get("vision_config")
+            if vc:
+                vision_config = {k: vc[k] for k in VISION_CONFIG if k in vc}
+    elif not allow_untrained:
+        raise FileNotFoundError(f"no trained weights at {weights_dir / WEIGHTS_FILE}; train them with "
+                                "scripts/train_tiny_vlm.py (see docs/eval.md)")
+    else:
+        warnings.warn(f"{ALIAS}: no trained vision weights at {weights_dir}; using an UNTRAINED random vision "
+                      "tower (scores are chance level)", stacklevel=2)
+    model, processor = assemble(lm, tok, vision_config=vision_config, trained=trained,
+                                attn_implementation=attn_implementation)
+    del lm
+    if device is not None:
+        model = model.to(device)
+    return model, processor
+
+
+def save_pretrained_dir(out_dir: str | Path, weights_dir: str | Path | None = None) -> Path:
+    """Write the assembled default VLM as a full Hugging Face LLaVA directory (model + processor)."""
+    model, processor = load_shapes_vlm(weights_dir)
+    out = Path(out_dir)
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    return out
