@@ -52,7 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--arms", nargs="+", default=["vanilla", "snapkv:0.9"],
                    help="vanilla (no method) or METHOD:RATIO, e.g. snapkv:0.9 streamingllm:0.9")
-    p.add_argument("--modes", nargs="+", default=["hf", "fast"], choices=["hf", "fast"])
+    p.add_argument("--modes", nargs="+", default=["hf", "fast"], choices=["hf", "fast", "fast-sdpa", "fast-compile"],
+                   help="hf = plain loop; fast = FastDecoder (CUDA graph); fast-sdpa = its SDPA attention; "
+                        "fast-compile = its torch.compile'd step")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per loop")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
@@ -92,8 +94,9 @@ def hf_decode(model, ids, args, clock) -> dict:
     return {"step_ms": statistics.median(loops), "loops_ms": loops, "kv_bytes": stored}
 
 
-def fast_decode(model, ids, args, clock) -> dict:
-    dec = FastDecoder(model, max_new_tokens=args.warmup + args.steps * args.repeats + 1)
+def fast_decode(model, ids, args, clock, mode="fast") -> dict:
+    dec = FastDecoder(model, max_new_tokens=args.warmup + args.steps * args.repeats + 1,
+                      attention="sdpa" if mode == "fast-sdpa" else "matmul", compile=mode == "fast-compile")
     t0 = time.perf_counter()
     logits = dec.prefill(input_ids=ids)
     clock_prefill = (time.perf_counter() - t0) * 1e3
@@ -133,7 +136,10 @@ def main(argv=None) -> int:
                     for mode in args.modes:
                         free_memory(device)
                         base = reset_peak(device)
-                        res = (fast_decode if mode == "fast" else hf_decode)(model, ids, args, clock)
+                        if mode == "hf":
+                            res = hf_decode(model, ids, args, clock)
+                        else:
+                            res = fast_decode(model, ids, args, clock, mode)
                         peak = read_peak(device)
                         appended = args.warmup + args.steps * args.repeats / 2
                         kv_mid = res["kv_bytes"] + appended * B * _kv_bytes_per_token(model, dtype)
@@ -176,7 +182,7 @@ def _speedups(rows) -> None:
         base = index.get((r["batch"], r["context"], "vanilla", r["mode"]))
         r["speedup_vs_vanilla"] = None if base is None else base["step_ms"] / r["step_ms"]
         hf = index.get((r["batch"], r["context"], r["arm"], "hf"))
-        r["fast_vs_hf"] = None if hf is None or r["mode"] != "fast" else hf["step_ms"] / r["step_ms"]
+        r["fast_vs_hf"] = None if hf is None or r["mode"] == "hf" else hf["step_ms"] / r["step_ms"]
         if base is not None:
             r["kv_reduction"] = 1 - r["kv_bytes"] / base["kv_bytes"]
 

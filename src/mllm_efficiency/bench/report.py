@@ -94,3 +94,101 @@ def ideal_pruned_shape(ttft, text_model, full_inputs, short_inputs, k: int, t_fu
             "first_k_layers_at_L": seg1.as_dict(), "last_layers_at_Lp": seg2.as_dict(),
             "shell_at_Lp": shell.as_dict(), "interp_ms": interp,
             "full_model_at_Lp": t_full_lp.as_dict() if t_full_lp is not None else None}
+
+
+# ------------------------------------------------------------------------------------------------ mllm-eff bench
+_BENCH_COLUMNS = [
+    ("entry", "entry"), ("vision_ms", "vision ms"), ("ttft_ms", "TTFT ms"), ("ttft_spread", "TTFT p10–p90"),
+    ("ttft_speedup", "TTFT speedup"), ("llm_prefill_speedup", "LLM prefill speedup"),
+    ("prefill_gflops", "prefill GFLOPs"), ("flops_ratio", "FLOPs ratio"), ("kv_mib", "KV MiB"),
+    ("kv_reduction", "KV cut"), ("first_logits_max_diff", "logit Δ vs vanilla"), ("prefill_peak_gib", "prefill peak GiB"),
+    ("hf_step_ms", "hf step ms"), ("hf_tok_s", "hf tok/s"), ("hf_over_roofline", "hf / roofline"),
+    ("fast_step_ms", "fast step ms"), ("fast_tok_s", "fast tok/s"), ("fast_over_roofline", "fast / roofline"),
+    ("fast_over_hf", "fast / hf speedup"), ("roofline_ms", "roofline ms"),
+    ("steady_gib", "steady GiB"), ("peak_gib", "peak GiB"), ("error", "error"),
+]
+
+
+def bench_markdown(result: dict) -> str:
+    """The `mllm-eff bench` result as markdown: a header naming model, prompt, device and bandwidth, then one
+    row per entry (columns without any value are left out)."""
+    from .harness import summary_rows
+    from .timing import markdown_table
+
+    rows = summary_rows(result)
+    for r in rows:
+        if "ttft_p10_ms" in r:
+            r["ttft_spread"] = f"{r['ttft_p10_ms']:.2f}–{r['ttft_p90_ms']:.2f}"
+        backend = "fast" if "fast_step_ms" in r else "hf"
+        for key in ("roofline_ms", "steady_gib", "peak_gib"):
+            if f"{backend}_{key}" in r:
+                r[key] = r[f"{backend}_{key}"]
+    cols = [c for c in _BENCH_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    s, p, bw = result["settings"], result["prompt"], result["bandwidth"]
+    env = result["environment"]
+    device = env.get("gpu") or f"CPU ({env.get('cpu_threads')} threads)"
+    head = [f"**{s['model']}** ({result['model']['source']}), {s['dtype']}, attention {s['attn']}, on {device}",
+            f"prompt: {p['shape']} = {p['length']} tokens per row ({p['visual_tokens']} visual), batch {p['batch']}",
+            f"decode: {s['decode']}, {s['new_tokens']} timed steps after {s['decode_warmup']} warm-up; prefill: "
+            f"{s['repeats']} timed calls after {s['warmup']} warm-up; medians (p10–p90)",
+            f"bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s (device copy); decode weights read "
+            f"{result['model']['decode_weight_bytes_read'] / 2 ** 30:.2f} GiB per step; roofline = (weights + KV) / "
+            "bandwidth",
+            "FLOPs ratio and speedups: vanilla / entry; TTFT includes the vision encoder, LLM prefill = TTFT − vision."]
+    return "\n".join(["- " + h for h in head]) + "\n\n" + markdown_table(rows, cols, float_digits=3) + "\n"
+
+
+def bench_plot(result: dict, path) -> str | None:
+    """Measured prefill speedup against the theoretical FLOPs ratio (y = x is the ideal). Returns a note instead
+    of writing when matplotlib is missing or nothing can be plotted."""
+    from .harness import summary_rows
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: plot skipped (pip install matplotlib)"
+    pts = []
+    for r in summary_rows(result):
+        y = r.get("llm_prefill_speedup") if r.get("vision_ms") else r.get("ttft_speedup")
+        if r.get("flops_ratio") is not None and y is not None:
+            pts.append((r["flops_ratio"], y, r["entry"]))
+    if not pts:
+        return "no entry has both a FLOPs ratio and a measured speedup (is vanilla listed?): plot skipped"
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    top = max(max(x for x, _, _ in pts), max(y for _, y, _ in pts), 1.0) * 1.1
+    ax.plot([0, top], [0, top], "--", color="grey", label="speedup = FLOPs ratio")
+    for x, y, label in pts:
+        ax.scatter([x], [y])
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("theoretical prefill FLOPs ratio (vanilla / method)")
+    ax.set_ylabel("measured prefill speedup (vanilla / method)")
+    ax.set_title(f"{result['settings']['model']}: {result['prompt']['shape']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def write_bench(result: dict, out_dir, stem: str = "bench", plot: bool = True) -> dict:
+    """Write `<stem>.json`, `<stem>.md` and (if possible) `<stem>.png` into `out_dir`; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = bench_markdown(result)
+    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md"}
+    note = None
+    if plot:
+        note = bench_plot(result, out / f"{stem}.png")
+        if note is None:
+            paths["plot"] = out / f"{stem}.png"
+    if note:
+        md += f"\n_{note}_\n"
+        result = dict(result, plot_note=note)
+    write_outputs(result, md, str(paths["json"]), str(paths["markdown"]))
+    return paths

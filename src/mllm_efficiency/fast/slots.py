@@ -15,7 +15,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-SLOT_ATTENTION = "mllm_eff_slots"
+SLOT_ATTENTION = "mllm_eff_slots"  # grouped matmuls + softmax (no K/V expansion)
+SLOT_ATTENTION_SDPA = "mllm_eff_slots_sdpa"  # torch SDPA with the bias as its mask
 _BIAS_ATTR = "_mllm_eff_slot_bias"
 
 
@@ -105,11 +106,27 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     return out.transpose(1, 2).contiguous(), None
 
 
-def register_slot_attention() -> str:
+def slot_attention_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    bias = getattr(module, _BIAS_ATTR).unsqueeze(2).to(query.dtype)  # (B, 1 | Hkv, 1, C)
+    H, Hkv = query.shape[1], key.shape[1]
+    if bias.shape[1] != 1 and H != Hkv:
+        bias = bias.repeat_interleave(H // Hkv, dim=1)
+    if scaling is None:
+        scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
+                                                           enable_gqa=H != Hkv)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_KERNELS = {"matmul": (SLOT_ATTENTION, slot_attention), "sdpa": (SLOT_ATTENTION_SDPA, slot_attention_sdpa)}
+
+
+def register_slot_attention(kind: str = "matmul") -> str:
     # Registered without a mask function: transformers then skips building a mask (the bias is the mask).
-    if SLOT_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(SLOT_ATTENTION, slot_attention)
-    return SLOT_ATTENTION
+    name, fn = _KERNELS[kind]
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, fn)
+    return name
 
 
 def set_layer_bias(attention_modules, layers: list[SlotLayer] | None) -> None:
