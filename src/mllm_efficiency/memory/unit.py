@@ -74,6 +74,7 @@ class MemoryUnit:
             out[:, st:ed] = self._exec_block(q[:, st:ed], gq[:, st:ed], lk, lv, n_prev + st, n_prev + ed, scaling)
             self._bookkeeping(ed - st)
         self._topk_plan = []
+        self.store.flush()  # blocks formed during the call go to their store in one copy
         if self.question is None and self.question_span is not None and self.blocks_enabled:
             self._maybe_build_question(end_of_call=True)
         keep = min(cfg.n_local, lk.shape[1])
@@ -94,23 +95,24 @@ class MemoryUnit:
         q_abs0 = self.seen  # absolute position of the block's first query
         # local logits, mask 0 <= i - j < n_local
         ql = qs.reshape(self.Hkv, self.G * e, self.D)
-        local = torch.matmul(ql, keys.transpose(1, 2)).float().view(self.Hkv, self.G, e, n_k)
+        local = torch.matmul(ql, keys.transpose(1, 2)).view(self.Hkv, self.G, e, n_k)
         qi = torch.arange(a, b, device=q.device)[:, None]
         kj = torch.arange(kv_st, b, device=q.device)[None, :]
         diff = qi - kj
         local_ok = (diff >= 0) & (diff < cfg.n_local)
-        local = local.masked_fill(~local_ok, float("-inf"))
 
         g_keys, g_vals, g_mask, n_blk, chosen = self._global_kv(gq, q_abs0, e)
-        parts = [local]
-        if g_keys is not None:
+        n_g = 0 if g_keys is None else g_keys.shape[1]
+        # one fp32 buffer for both stages (no concatenation pass); masked and scaled in place
+        logits = local.new_empty((self.Hkv, self.G, e, n_k + n_g), dtype=torch.float32)
+        logits[..., :n_k] = local
+        visible = local_ok
+        if n_g:
             gql = gq.reshape(self.Hkv, self.G * e, self.D)
-            glob = torch.matmul(gql, g_keys.transpose(1, 2)).float().view(self.Hkv, self.G, e, -1)
-            if g_mask is not None:
-                glob = glob.masked_fill(~g_mask, float("-inf"))
-            parts.append(glob)
-        logits = torch.cat(parts, -1) * scaling
-        probs = torch.softmax(logits, -1)
+            logits[..., n_k:] = torch.matmul(gql, g_keys.transpose(1, 2)).view(self.Hkv, self.G, e, n_g)
+            visible = torch.cat((local_ok, g_mask if g_mask is not None else local_ok.new_ones(e, n_g)), 1)
+        logits.masked_fill_(~visible, float("-inf"))
+        probs = torch.softmax(logits.mul_(scaling), -1)
         p_local = probs[..., :n_k]
         o = torch.matmul(p_local.to(lv.dtype).reshape(self.Hkv, self.G * e, n_k), lv[:, kv_st:b])
         if g_keys is not None:
@@ -228,15 +230,18 @@ class MemoryUnit:
                 self._drop_rem(n_rem - cfg.n_local)
             return
         bs = cfg.block_size
-        while n_rem - bs >= cfg.n_local:
-            bk, bv, sc = self.rem_k[:, :bs], self.rem_v[:, :bs], self.rem_score[:, :bs]
-            self.store.add(bk, bv)
-            rep = self._representative(bk, sc)
-            self.reps.append(rep[None])
+        nb = (n_rem - cfg.n_local) // bs if n_rem - bs >= cfg.n_local else 0
+        if nb:  # every complete block at once: one store write and one batched representative pass
+            m = nb * bs
+            bk = self.rem_k[:, :m].unflatten(1, (nb, bs)).transpose(0, 1)  # (nb, Hkv, bs, D)
+            bv = self.rem_v[:, :m].unflatten(1, (nb, bs)).transpose(0, 1)
+            sc = self.rem_score[:, :m].unflatten(1, (nb, bs)).transpose(0, 1)  # (nb, H, bs)
+            self.store.add_many(bk, bv)
+            reps = self._representatives(bk, sc)
+            self.reps.append(reps)
             if self.question is not None:
-                self.qscore.append((rep @ self.question).reshape(1))
-            self._drop_rem(bs)
-            n_rem -= bs
+                self.qscore.append(reps @ self.question)
+            self._drop_rem(m)
 
     def _drop_rem(self, m: int) -> None:
         self.rem_k, self.rem_v = self.rem_k[:, m:], self.rem_v[:, m:]
@@ -245,11 +250,16 @@ class MemoryUnit:
 
     def _representative(self, bk: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """For each query head: mean of the raw keys (its KV head) of the repr_topk most attended tokens."""
-        r = min(self.cfg.repr_topk, bk.shape[1])
-        idx = score.topk(r, -1).indices  # (H, r)
-        keys = bk.repeat_interleave(self.G, 0)  # (H, bs, D)
-        picked = keys.gather(1, idx[..., None].expand(-1, -1, self.D))
-        return picked.float().mean(1).reshape(-1)
+        return self._representatives(bk[None], score[None])[0]
+
+    def _representatives(self, bk: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Batched `_representative`: bk (n, Hkv, bs, D), score (n, H, bs) -> (n, H * D) fp32."""
+        n, _, bs, _ = bk.shape
+        r = min(self.cfg.repr_topk, bs)
+        idx = score.topk(r, -1).indices  # (n, H, r); query head h reads KV head h // G
+        idx = idx.reshape(n, self.Hkv, self.G * r, 1).expand(-1, -1, -1, self.D)
+        picked = bk.gather(2, idx).view(n, self.H, r, self.D)
+        return picked.float().mean(2).reshape(n, -1)
 
     # ------------------------------------------------------------------ Q-LLM question vector
     def _maybe_build_question(self, end_of_call: bool) -> None:
