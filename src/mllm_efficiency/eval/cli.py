@@ -65,7 +65,9 @@ def cmd_eval(args) -> int:
             print(build_report(f"{root}/{DEFAULT_TASK}/{DEFAULT_MODEL}"))
             return 0
         if len(given) != 4:
-            print("error: usage: mllm-eff eval TASK MODEL METHOD RATIO [lmms-eval args] "
+            missing = " ".join(("TASK", "MODEL", "METHOD", "RATIO")[len(given):])
+            print(f"error: expected 4 arguments TASK MODEL METHOD RATIO, got {len(given)} (missing: {missing}); "
+                  "usage: mllm-eff eval TASK MODEL METHOD RATIO [lmms-eval args] "
                   "(or no arguments for the embedded default)", file=sys.stderr)
             return 2
         run = EvalRun(args.task, args.model, args.method, parse_ratio(args.ratio), args.method_args, extra,

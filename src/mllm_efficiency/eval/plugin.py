@@ -1,7 +1,7 @@
 """lmms-eval model plugin `--model mllm_efficiency`: any supported HF VLM plus any method chain.
 
-Registered from outside lmms-eval through the entry-point group ``lmms_eval.models`` (``MANIFEST`` below), or in
-code with `register()`. Example:
+Registered from outside lmms-eval through the entry-point group ``lmms_eval.models`` (pyproject names
+`mllm_efficiency.eval.lmms_main.manifests`), or in code with `register()`. Example:
 
     lmms-eval --model mllm_efficiency \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=fastv+snapkv,fastv.k=2,ratio=0.5 \\
@@ -12,7 +12,11 @@ or names joined by ``+``), any method parameter (bare = every method having it, 
 ``attn_implementation``, ``device``, ``device_map``, ``dtype``, ``batch_size``, ``max_new_tokens``,
 ``conv_template`` (chatml / vicuna / plain; default: the processor's chat template), ``max_frames_num``,
 ``customized_config`` (a JSON/YAML file of method parameters), ``efficiency_log`` (a .jsonl path for the
-per-sample efficiency numbers; a ``*.summary.json`` is written beside it).
+per-sample efficiency numbers; a ``*.summary.json`` is written beside it; default: the environment variable
+``MLLM_EFF_EFFICIENCY_LOG``, else only a one-line summary is printed).
+
+`generate_until` returns lmms-eval ``GenerationResult``s with the prompt / generated token counts, so lmms-eval's
+own ``efficiency`` block in the results JSON is filled too.
 """
 from __future__ import annotations
 
@@ -28,10 +32,15 @@ from lmms_eval.models.registry_v2 import ModelManifest
 
 from ..errors import ConfigError
 from . import efficiency
+from .lmms_main import CLASS_PATH, MODEL_ID, register  # noqa: F401  (register: re-exported)
 from .methods import parse_chain
 
-MODEL_ID = "mllm_efficiency"
-MANIFEST = ModelManifest(model_id=MODEL_ID, simple_class_path="mllm_efficiency.eval.plugin.MLLMEfficiency")
+try:  # lmms-eval >= 0.7: per-request token counts feed its own efficiency summary
+    from lmms_eval.api.instance import GenerationResult, TokenCounts
+except ImportError:  # older lmms-eval: plain strings
+    GenerationResult = TokenCounts = None
+
+MANIFEST = ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)
 
 VICUNA_TEMPLATE = ("{% for message in messages %}{% if loop.index0 == 0 %}A chat between a curious user and an "
                    "artificial intelligence assistant. USER: {{ message['content'] }} {% elif message['role'] == "
@@ -41,13 +50,6 @@ CONV_TEMPLATES = ("chatml", "vicuna", "plain")
 _RESERVED = {"pretrained", "method", "device", "device_map", "dtype", "batch_size", "attn_implementation",
              "max_new_tokens", "conv_template", "max_frames_num", "customized_config", "efficiency_log",
              "trust_remote_code", "use_cache"}
-
-
-def register() -> None:
-    """Register the plugin with lmms-eval in this process (what the entry point does at import)."""
-    from lmms_eval.models import MODEL_REGISTRY_V2
-
-    MODEL_REGISTRY_V2.register_manifest(MANIFEST, overwrite=True)
 
 
 def _load_params_file(path: str) -> dict:
@@ -217,6 +219,7 @@ class MLLMEfficiency(lmms):
 
     # ---------------------------------------------------------------- generation
     def _generate_batch(self, contexts: list[str], visuals: list[list], gen_kwargs: dict) -> list[str]:
+        """Texts of one generate() call; appends one efficiency row per sample to `efficiency_rows`."""
         gen_kwargs = dict(gen_kwargs)
         until = gen_kwargs.pop("until", None)
         until = [until] if isinstance(until, str) else list(until or [])
@@ -256,10 +259,10 @@ class MLLMEfficiency(lmms):
             self.efficiency_rows.append({"method": self.chain.label, **eff.as_dict(), "batch": len(prompts)})
         return texts
 
-    def generate_until(self, requests: list[Instance]) -> list[str]:
+    def generate_until(self, requests: list[Instance]) -> list:
         from tqdm import tqdm
 
-        results: list[str] = []
+        results: list = []
         args = [r.args for r in requests]
         pbar = tqdm(total=len(args), disable=self._rank != 0, desc="mllm_efficiency")
         for start in range(0, len(args), self.batch_size_per_gpu):
@@ -270,13 +273,37 @@ class MLLMEfficiency(lmms):
                 contexts.append(context)
                 visuals.append(self._visuals(doc_to_visual(doc)) if doc_to_visual is not None else [])
             texts = self._generate_batch(contexts, visuals, gen_kwargs)
-            for (_, _, _, doc_id, task, _), row in zip(chunk, self.efficiency_rows[-len(chunk):]):
+            rows = self.efficiency_rows[-len(chunk):]
+            for (_, _, _, doc_id, task, _), row in zip(chunk, rows):
                 row.update(doc_id=doc_id, task=task)
-            results.extend(texts)
+            results.extend(self._result(t, r) for t, r in zip(texts, rows))
             pbar.update(len(chunk))
         pbar.close()
         self._write_efficiency()
+        self._print_summary()
         return results
+
+    @staticmethod
+    def _result(text: str, row: dict):
+        """The text, with its token counts where lmms-eval can take them (its results JSON's `efficiency`)."""
+        if GenerationResult is None:
+            return text
+        return GenerationResult(text=text, token_counts=TokenCounts(input_tokens=row.get("prompt_tokens"),
+                                                                    output_tokens=row.get("generated_tokens")))
+
+    def _print_summary(self) -> None:
+        if self._rank != 0 or not self.efficiency_rows:
+            return
+        s = efficiency.summarize(self.efficiency_rows)
+        parts = [f"{s['samples']} samples"]
+        if "mean_prefill_ms" in s:
+            parts.append(f"prefill {s['mean_prefill_ms']:.1f} ms")
+        if "mean_kept_tokens" in s and "mean_prompt_tokens" in s:
+            parts.append(f"kept tokens {s['mean_kept_tokens']:.1f}/{s['mean_prompt_tokens']:.1f}")
+        if "mean_kv_bytes" in s:
+            parts.append(f"KV {s['mean_kv_bytes'] / 1024:.1f} KiB")
+        where = f" -> {self.efficiency_log}" if self.efficiency_log else " (efficiency_log=PATH to save per sample)"
+        print(f"[mllm_efficiency] {self.chain.label}: " + ", ".join(parts) + " (means)" + where, flush=True)
 
     def _write_efficiency(self) -> None:
         if self.efficiency_log is None:
