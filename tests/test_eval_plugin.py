@@ -143,3 +143,25 @@ def test_entry_point_module_imports_without_lmms_eval(monkeypatch):
     assert m.MODEL_ID == "mllm_efficiency" and m.CLASS_PATH == "mllm_efficiency.eval.plugin.MLLMEfficiency"
     with pytest.raises(ImportError):
         m.manifests()
+
+
+def test_cache_size_counts_one_row_of_a_batched_cache():
+    import torch
+    from transformers import DynamicCache
+
+    from mllm_efficiency.eval.efficiency import cache_of, cache_size
+
+    cache = DynamicCache()
+    for layer in range(2):
+        kv = torch.zeros(3, 2, 5 + layer, 4, dtype=torch.float16)  # (B, KV heads, tokens, head dim)
+        cache.update(kv, kv.clone(), layer)
+    tokens, total = cache_size(cache)
+    row_tokens, row_bytes = cache_size(cache, row=1)
+    assert tokens == row_tokens == 5.5
+    assert total == 2 * 2 * (5 + 6) * 3 * 2 * 4  # keys + values, 2 bytes each, 3 rows
+    assert row_bytes * 3 == total
+
+    class Output:
+        cache, past_key_values = "new", "old"
+
+    assert cache_of(Output()) == "new"

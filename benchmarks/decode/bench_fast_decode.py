@@ -52,9 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--arms", nargs="+", default=["vanilla", "snapkv:0.9"],
                    help="vanilla (no method) or METHOD:RATIO, e.g. snapkv:0.9 streamingllm:0.9")
-    p.add_argument("--modes", nargs="+", default=["hf", "fast"], choices=["hf", "fast", "fast-sdpa", "fast-compile"],
+    p.add_argument("--modes", nargs="+", default=["hf", "fast"], choices=["hf", "fast", "fast-sdpa", "fast-compile", "fast-compile-sdpa"],
                    help="hf = plain loop; fast = FastDecoder (CUDA graph); fast-sdpa = its SDPA attention; "
-                        "fast-compile = its torch.compile'd step")
+                        "fast-compile = its torch.compile'd step; fast-compile-sdpa = both")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per loop")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
@@ -96,7 +96,7 @@ def hf_decode(model, ids, args, clock) -> dict:
 
 def fast_decode(model, ids, args, clock, mode="fast") -> dict:
     dec = FastDecoder(model, max_new_tokens=args.warmup + args.steps * args.repeats + 1,
-                      attention="sdpa" if mode == "fast-sdpa" else "matmul", compile=mode == "fast-compile")
+                      attention="sdpa" if mode.endswith("sdpa") else "matmul", compile="compile" in mode)
     t0 = time.perf_counter()
     logits = dec.prefill(input_ids=ids)
     clock_prefill = (time.perf_counter() - t0) * 1e3
@@ -192,7 +192,7 @@ def render(result) -> str:
     bw = result["bandwidth"]["used_bytes_per_s"]
     lines = [f"## Decode step time: {result['preset']} ({result['dtype']}, random weights), HF loop vs FastDecoder",
              "",
-             f"- device: {env.get('device_name', env.get('device'))}; torch {env.get('torch')}, transformers "
+             f"- device: {env.get('gpu') or env.get('cpu')}; torch {env.get('torch')}, transformers "
              f"{env.get('transformers')}; measured bandwidth {bw / 1e12:.2f} TB/s; weights read per step "
              f"{result['weight_bytes_read'] / 1e9:.2f} GB",
              f"- command: `{result['command']}`",

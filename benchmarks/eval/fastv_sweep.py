@@ -27,14 +27,14 @@ from mllm_efficiency.eval.shapes_eval import accuracy  # noqa: E402
 from mllm_efficiency.flops import keep_count  # noqa: E402
 
 
-def load(tiny: bool, weights: str | None, device: str):
+def load(tiny: bool, weights: str | None, device: str, backbone: str = shapes_vlm.BACKBONE):
     if tiny:
         from mllm_efficiency.eval.local_processor import char_tokenizer
         from mllm_efficiency.testing import tiny_llama_lm
 
         model, proc = shapes_vlm.assemble(tiny_llama_lm(num_layers=4), char_tokenizer(), image_token="<image>")
     else:
-        model, proc = shapes_vlm.load_shapes_vlm(weights, allow_untrained=False)
+        model, proc = shapes_vlm.load_shapes_vlm(weights, backbone=backbone, allow_untrained=False)
     return model.to(device).eval(), proc
 
 
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--weights", default=None, help="trained-weights dir (default: the package assets)")
+    p.add_argument("--backbone", default=shapes_vlm.BACKBONE, help="zoo alias or GGUF path of the LLM backbone")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny random backbone, 8 questions (pipeline check)")
     args = p.parse_args(argv)
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         args.n, args.ratios = min(args.n, 8), "0,0.75"
     ratios = [float(r) for r in args.ratios.split(",")]
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, proc = load(args.tiny, args.weights, args.device)
+    model, proc = load(args.tiny, args.weights, args.device, args.backbone)
     samples = synthetic.make_samples(args.n, seed=args.seed, split="test")
     rows = []
     configs = [("vanilla", 0.0, None)] + [(name, r, scorer) for r in ratios if r > 0

@@ -61,15 +61,16 @@ class SampleEfficiency:
 
 
 def cache_of(output) -> Any:
-    for name in ("past_key_values", "cache"):
+    for name in ("cache", "past_key_values"):  # `cache` first: reading past_key_values warns on transformers >= 5.24
         c = getattr(output, name, None)
         if c is not None:
             return c
     return None
 
 
-def cache_size(cache) -> tuple[float | None, int | None]:
-    """(mean stored tokens per layer, total bytes of keys + values) of a transformers Cache, or (None, None)."""
+def cache_size(cache, row: int | None = None) -> tuple[float | None, int | None]:
+    """(mean stored tokens per layer, bytes of keys + values) of a transformers Cache, or (None, None).
+    With `row`, only that batch row's slots are counted (a batched cache holds every sample's KV)."""
     layers = getattr(cache, "layers", None)
     if not layers:
         return None, None
@@ -79,6 +80,8 @@ def cache_size(cache) -> tuple[float | None, int | None]:
         if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
             return None, None
         lengths.append(k.shape[-2])
+        if row is not None and k.dim() == 4:
+            k, v = k[row], v[row]
         total += k.numel() * k.element_size() + v.numel() * v.element_size()
     return sum(lengths) / len(lengths), total
 
@@ -113,7 +116,7 @@ def prefill_tflops(model, prompt_tokens: int, kept: int, k: int | None) -> float
 def measure(model, handles, clock: StepClock, output, prompt_tokens: int, visual_tokens: int,
             generated_tokens: int, row: int = 0) -> SampleEfficiency:
     kept, layer, _ = kept_prompt_tokens(handles, prompt_tokens, row)
-    kv_tokens, kv_bytes = cache_size(cache_of(output))
+    kv_tokens, kv_bytes = cache_size(cache_of(output), row)
     return SampleEfficiency(
         prefill_ms=clock.prefill_ms, decode_tokens_per_s=clock.decode_tokens_per_s(generated_tokens),
         generated_tokens=generated_tokens, prompt_tokens=prompt_tokens, visual_tokens=visual_tokens,
