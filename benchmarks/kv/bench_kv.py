@@ -52,6 +52,7 @@ import torch
 import mllm_efficiency as me
 from mllm_efficiency.bench.timing import GIB, environment_info, markdown_table, synchronize, time_cuda
 from mllm_efficiency.bench.report import build_random_model, cache_kwarg, jsonable, output_cache  # noqa: E402
+from mllm_efficiency.bench.roofline import kv_bytes, stored_lengths  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ presets
 _COMMON = dict(rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False, initializer_range=0.02)
@@ -178,28 +179,6 @@ def build_model(preset: str, config, device: torch.device, dtype: torch.dtype, s
     else:
         from transformers import Qwen2ForCausalLM as Model
     return build_random_model(Model, config, device, dtype, seed)
-
-
-def cache_layers(cache) -> list:
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise RuntimeError(f"unsupported cache type {type(cache).__name__} (needs .layers)")
-    return layers
-
-
-def kv_bytes(cache) -> int:
-    """Keys + values bytes stored over all layers (TrackedCache.stored_bytes() for any DynamicCache)."""
-    total = 0
-    for layer in cache_layers(cache):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor) and t.numel():
-                total += t.numel() * t.element_size()
-    return total
-
-
-def stored_lengths(cache) -> list[int]:
-    return [int(layer.keys.shape[-2]) if getattr(layer, "keys", None) is not None else 0
-            for layer in cache_layers(cache)]
 
 
 def weight_bytes_read(model) -> int:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO / "src"))
 import torch  # noqa: E402
 
 from mllm_efficiency.bench.presets import PRESETS, build_preset  # noqa: E402
+from mllm_efficiency.bench.specs import parse_value  # noqa: E402
 from mllm_efficiency.bench.report import jsonable  # noqa: E402
 from mllm_efficiency.bench.timing import environment_info  # noqa: E402
 from mllm_efficiency.memory import GreedySearch, load_memory_config, patch_hf  # noqa: E402
@@ -95,27 +96,13 @@ def parse_args(argv=None):
     return args
 
 
-def _value(text: str):
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("null", "none"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def memory_config(args, method: str):
     over = dict(TINY_OVERRIDES) if args.tiny else {}
     for item in args.overrides:
         key, sep, val = item.partition("=")
         if not sep:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        over[key.strip()] = _value(val)
+        over[key.strip()] = parse_value(val.strip())
     over["type"] = METHOD_TYPES[method]
     return load_memory_config(args.yaml, **over)
 

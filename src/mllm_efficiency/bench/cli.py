@@ -12,21 +12,8 @@ import sys
 from ..errors import ConfigError
 
 
-def _int_at_least(name: str, low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = name
-    return parse
-
-
 def add_commands(sub) -> None:
+    from ..cli import _int_at_least
     from .harness import DECODE_BACKENDS, DTYPES
     from .presets import PRESETS
 
