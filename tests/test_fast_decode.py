@@ -178,3 +178,31 @@ def test_cuda_graph_replay_matches_generate(method):
     finally:
         if handle is not None:
             handle.remove()
+
+
+def test_fused_projections_match_unfused_and_unfuse_on_close(llama_text):
+    ids = text_ids(20, seed=4)
+    params = dict(llama_text.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    with me.apply(llama_text, "snapkv", ratio=0.5, window=4):
+        plain = FastDecoder(llama_text, max_new_tokens=STEPS, fuse_projections=False)
+        fused = FastDecoder(llama_text, max_new_tokens=STEPS)
+        logits = [plain.prefill(input_ids=ids)], [fused.prefill(input_ids=ids)]
+        tokens = logits[0][0].argmax(-1, keepdim=True)
+        for _ in range(STEPS - 1):
+            logits[0].append(plain.step(tokens))
+            logits[1].append(fused.step(tokens))
+            tokens = logits[0][-1].argmax(-1, keepdim=True)
+        torch.testing.assert_close(torch.stack(logits[1]), torch.stack(logits[0]), atol=1e-5, rtol=1e-5)
+
+        groups = fused._fusion.groups
+        assert len(groups) == 2 * llama_text.config.num_hidden_layers  # q/k/v and gate/up of every layer
+        attn = llama_text.model.layers[0].self_attn
+        storage = attn.q_proj.weight.untyped_storage().data_ptr()
+        assert attn.k_proj.weight.untyped_storage().data_ptr() == storage  # views of one fused matrix
+        assert "forward" not in vars(attn.q_proj)  # the fused forward exists only inside a step
+        fused.close()
+        plain.close()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() != attn.q_proj.weight.untyped_storage().data_ptr()
+    for n, p in llama_text.named_parameters():
+        assert torch.equal(p, before[n]) and not p.is_inference(), n

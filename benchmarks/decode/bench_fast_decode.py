@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=["hf", "fast"], choices=["hf", "fast", "fast-sdpa", "fast-compile", "fast-compile-sdpa"],
                    help="hf = plain loop; fast = FastDecoder (CUDA graph); fast-sdpa = its SDPA attention; "
                         "fast-compile = its torch.compile'd step; fast-compile-sdpa = both")
+    p.add_argument("--no-fuse", action="store_true", help="FastDecoder without fused q/k/v and gate/up projections")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per loop")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
@@ -96,7 +97,8 @@ def hf_decode(model, ids, args, clock) -> dict:
 
 def fast_decode(model, ids, args, clock, mode="fast") -> dict:
     dec = FastDecoder(model, max_new_tokens=args.warmup + args.steps * args.repeats + 1,
-                      attention="sdpa" if mode.endswith("sdpa") else "matmul", compile="compile" in mode)
+                      attention="sdpa" if mode.endswith("sdpa") else "matmul", compile="compile" in mode,
+                      fuse_projections=not args.no_fuse)
     t0 = time.perf_counter()
     logits = dec.prefill(input_ids=ids)
     clock_prefill = (time.perf_counter() - t0) * 1e3

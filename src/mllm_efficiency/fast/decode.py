@@ -16,12 +16,15 @@ FastV's `positions='renumber'`, models without an LM head.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import DynamicCache
 
 from ..adapters import get_adapter
 from ..core.cache import TrackedCache, TrackedLayer
 from ..errors import ConfigError
+from .fuse import ProjectionFusion
 from .slots import SlotCache, SlotLayer, register_slot_attention, set_layer_bias
 
 _KV_ENGINE_ATTR = "_mllm_eff_kv_engine"
@@ -29,16 +32,20 @@ _KV_ENGINE_ATTR = "_mllm_eff_kv_engine"
 
 class FastDecoder:
     def __init__(self, model, max_new_tokens: int, cuda_graph: bool = True, compile: bool = False,
-                 attention: str = "matmul"):
+                 attention: str = "matmul", fuse_projections: bool = True):
         """`cuda_graph`: capture the step once and replay it (CUDA devices only). `compile`: run the step through
         `torch.compile` first (fuses the norms, RoPE and elementwise ops into fewer kernels; tens of seconds of
-        compilation per prefill shape). `attention`: 'matmul' (grouped matmuls, fp32 softmax) or 'sdpa'."""
+        compilation per prefill shape). `attention`: 'matmul' (grouped matmuls, fp32 softmax) or 'sdpa'.
+        `fuse_projections`: decode steps run each layer's q/k/v and gate/up projections as one GEMV each
+        (`fast.fuse`; the parameters are views of the fused weights until `close()`)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if attention not in ("matmul", "sdpa"):
             raise ConfigError(f"attention must be 'matmul' or 'sdpa', got {attention!r}")
         self.attention = attention
         self.compile = compile
+        self.fuse_projections = fuse_projections
+        self._fusion: ProjectionFusion | None = None
         self.model = model
         self.adapter = get_adapter(model)
         self.max_new_tokens = max_new_tokens
@@ -161,8 +168,11 @@ class FastDecoder:
             raise ValueError(f"max_new_tokens must be <= {self.max_new_tokens + 1} for this decoder, got {n}")
         logits = self.prefill(**inputs)
         tokens = [logits.argmax(-1, keepdim=True)]
-        for _ in range(n - 1):
-            tokens.append(self.step(tokens[-1]).argmax(-1, keepdim=True))
+        try:
+            for _ in range(n - 1):
+                tokens.append(self.step(tokens[-1]).argmax(-1, keepdim=True))
+        finally:
+            self._unfuse()
         return torch.cat(tokens, dim=1)
 
     def _run_step(self) -> torch.Tensor:
@@ -171,11 +181,16 @@ class FastDecoder:
         saved = text_config._attn_implementation
         text_config._attn_implementation = register_slot_attention(self.attention)
         set_layer_bias(self.adapter.attention_modules(), self.cache.layers)
+        if self.fuse_projections and self._fusion is None:
+            with torch.inference_mode(False), torch.no_grad():  # ordinary parameters, usable by autograd later
+                self._fusion = ProjectionFusion(self.adapter.layers)
+        fused = self._fusion.active() if self._fusion is not None else contextlib.nullcontext()
         try:
             self.cache.logical_length = self._logical_now()
             forward = _compiled_step() if self.compile else _step_forward
-            logits = forward(self.adapter.text_model, self.lm_head, self.cache, self._ids, self._pos,
-                             self.adapter.cache_kwarg)
+            with fused:
+                logits = forward(self.adapter.text_model, self.lm_head, self.cache, self._ids, self._pos,
+                                 self.adapter.cache_kwarg)
         finally:
             text_config._attn_implementation = saved
             set_layer_bias(self.adapter.attention_modules(), None)
@@ -217,11 +232,21 @@ class FastDecoder:
         return [] if self.cache is None else [layer.stored for layer in self.cache.layers]
 
     def close(self) -> None:
-        """Free the slot buffers and the captured graph."""
+        """Free the slot buffers and the captured graph; unfuse the projections."""
         self._graph = None
+        self._unfuse()
         self.cache = None
         self.steps = 0
         self._ids = self._pos = self._logits = None
+
+
+    def _unfuse(self) -> None:
+        # the graph reads the fused weights: it goes with them (a later step() captures a new one)
+        if self._fusion is not None:
+            self._graph = None
+            with torch.inference_mode(False), torch.no_grad():
+                self._fusion.restore()
+            self._fusion = None
 
 
 def _step_forward(text_model, lm_head, cache, ids, pos, cache_kwarg: str) -> torch.Tensor:
