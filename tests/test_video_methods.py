@@ -191,10 +191,193 @@ def test_token_dedup_equals_token_level_emulation(ov, ov_prompt):
                gemms=("q_proj", "o_proj", "gate_proj", "down_proj"))
     with me.apply(ov, "focus", **cfg):
         emu = _logits(ov, ov_prompt)
-    with me.apply(ov, "focus", sic_mode="token_dedup", **cfg) as h:
+    with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, **cfg) as h:
         fast = _logits(ov, ov_prompt)
         assert h.stats.rows_removed("q_proj") > 0
     assert torch.allclose(emu, fast, atol=1e-5, rtol=1e-5)
+
+
+DEDUP_CFGS = [dict(selected_layers=(1,), alpha_list=(0.5,), similarity_threshold=0.3),
+              dict(selected_layers=(0, 1), alpha_list=(0.7, 0.5), similarity_threshold=0.2, placement="next_layer"),
+              dict(selected_layers=(1,), alpha_list=(0.6,), similarity_threshold=0.2, block_size=2, gemm_m_size=5),
+              dict(selected_layers=(1,), alpha_list=(0.6,), similarity_threshold=0.1, block_size=2,
+                   mask_row_wrap=True, gemm_m_size=-1)]
+
+
+@pytest.mark.parametrize("cfg", DEDUP_CFGS)
+def test_token_dedup_fast_path_equals_full_grid_path(ov, ov_prompt, cfg):
+    """min_dedup_fraction=0: the row-space matching (candidate table per kept set, one matching per GEMM input)
+    gives bit-identical logits and statistics to the full-grid path (the previous implementation, still used
+    with record_trace), for the same kept sets; batches included."""
+    p2 = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.shape[0] == 1 else v for k, v in ov_prompt.items()}
+    for prompt in (ov_prompt, p2):
+        res = []
+        for trace in (True, False):
+            with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, record_trace=trace,
+                          **cfg) as h:
+                res.append((_logits(ov, prompt), h.stats.dedup_rows, h.stats.sic_counts, h.stats.visual_per_layer))
+        assert torch.equal(res[0][0], res[1][0])
+        assert res[0][1:] == res[1][1:]
+        assert sum(t - c for c, t in res[1][1].values()) > 0  # rows were removed
+
+
+def test_min_dedup_fraction_skips_layers(ov, ov_prompt):
+    cfg = dict(selected_layers=(1,), alpha_list=(0.5,), similarity_threshold=0.3)
+    with me.apply(ov, "focus", sec_only=True, **cfg):
+        sec = _logits(ov, ov_prompt)
+    with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=1.0, **cfg) as h:
+        assert torch.equal(_logits(ov, ov_prompt), sec)  # every layer ran dense: identical to SEC only
+        st = h.stats
+        assert st.rows_removed("q_proj") == 0 and st.rows_removed("down_proj") == 0
+        assert st.duplicates_found("q_proj") > 0  # the first point of each layer was matched ...
+        assert {g for g, _ in st.duplicates} == {"q_proj"}  # ... and decided for the whole layer
+        assert st.dense_layers == [0, 1, 2, 3]
+    # a threshold between the layers' duplicate fractions: exactly the layers at or above it deduplicate
+    with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, **cfg) as h:
+        _logits(ov, ov_prompt)
+        frac = {l: d / n for (g, l), (d, n) in h.stats.duplicates.items() if g == "q_proj"}
+    cut = sorted(set(frac.values()))[len(set(frac.values())) // 2]
+    with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=cut, **cfg) as h:
+        _logits(ov, ov_prompt)
+        assert h.stats.dense_layers == sorted(l for l, f in frac.items() if f < cut or f == 0)
+        for (g, l), (c, t) in h.stats.dedup_rows.items():
+            d = h.stats.duplicates.get((g, l), (0, t))[0]
+            if frac[l] >= cut and d / t >= cut:
+                assert c == t - d  # deduplicated
+            else:
+                assert c == t  # dense
+
+
+def test_sampled_layer_decision(ov, ov_prompt, monkeypatch):
+    """With more candidate rows than `SAMPLE_ROWS`, a layer's first point is decided on a sample: a layer it
+    sends dense is never matched in full, and outputs stay those of SEC only when nothing is deduplicated."""
+    monkeypatch.setattr(S, "SAMPLE_ROWS", 4)
+    full, sampled = [], []
+    monkeypatch.setattr(S, "match_rows", lambda *a, _f=S.match_rows, **k: full.append(1) or _f(*a, **k))
+    monkeypatch.setattr(S, "count_duplicates", lambda *a, _f=S.count_duplicates, **k: sampled.append(1) or _f(*a, **k))
+    cfg = dict(selected_layers=(1,), alpha_list=(0.5,), similarity_threshold=0.3)
+    with me.apply(ov, "focus", sec_only=True, **cfg):
+        sec = _logits(ov, ov_prompt)
+    with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=1.0, **cfg) as h:
+        assert torch.equal(_logits(ov, ov_prompt), sec)
+        # one matching per layer: on a sample where the layer has more than 4 candidate rows, else in full
+        assert sampled and len(sampled) + len(full) == 4 and h.stats.dense_layers == [0, 1, 2, 3]
+        assert {g for g, _ in h.stats.duplicates} == {"q_proj"}
+    with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, record_trace=True, **cfg):
+        ref = _logits(ov, ov_prompt)  # the full-grid path
+    sampled.clear()
+    with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, **cfg):
+        assert torch.equal(_logits(ov, ov_prompt), ref) and not sampled  # no sampling at 0
+
+
+def test_duplicate_estimate_from_a_sample():
+    from mllm_efficiency.video.layout import Grid
+
+    g = torch.Generator().manual_seed(0)
+    F, H, W, C = 12, 8, 8, 32
+    n = F * H * W
+    x = torch.randn(n, C, generator=g)
+    static = torch.rand(H * W, generator=g) < 0.3  # ~30% of the positions repeat the previous frame
+    for t in range(1, F):
+        rows = torch.arange(H * W)[static] + t * H * W
+        x[rows] = x[rows - H * W] + 0.01 * torch.randn(rows.numel(), C, generator=g)
+    grid = torch.arange(n)[None]
+    nb = S.row_neighbours(grid, grid >= 0, [[Grid(0, F, H, W)]], frame_block=2, block=1, m_size=-1)
+    assert nb.sample is not None and nb.sample.numel() == S.SAMPLE_ROWS < nb.rows.numel()
+    exact = int(S.match_rows(x, nb, threshold=0.9).removed()) / n
+    found, matched, complete = S.count_duplicates(x, nb, threshold=0.9)
+    assert not complete and matched == S.SAMPLE_ROWS
+    estimate = int(found) * nb.rows.numel() / (matched * n)
+    assert exact > 0.2 and abs(estimate - exact) < 0.05
+    nb.sample = None
+    found, matched, complete = S.count_duplicates(x, nb, threshold=0.9)
+    assert complete and int(found) / n == exact
+
+
+def test_token_dedup_matches_each_gemm_input_once(ov, ov_prompt, monkeypatch):
+    """q/k/v (and gate/up) share one matching and one set of group means; the candidate table is built once
+    per kept set, not per GEMM."""
+    calls = {"match": 0, "means": 0, "table": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(S, "match_rows", counting("match", S.match_rows))
+    monkeypatch.setattr(S, "group_means_rows", counting("means", S.group_means_rows))
+    monkeypatch.setattr(S, "row_neighbours", counting("table", S.row_neighbours))
+    rows = {}
+    with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, selected_layers=(1,),
+                  alpha_list=(0.5,), similarity_threshold=0.0) as h:
+        attn = h._attached.adapter.layers[2].self_attn
+        hooks = [getattr(attn, n).inner.register_forward_hook(
+            lambda m, a, o, n=n: rows.__setitem__(n, a[0].shape[0])) for n in ("q_proj", "k_proj", "v_proj")]
+        _logits(ov, ov_prompt)
+        for hk in hooks:
+            hk.remove()
+        n_points = len(h.stats.dedup_rows)
+        applied = sum(c < t for c, t in h.stats.dedup_rows.values())
+    assert n_points == 16 and calls["match"] == 16  # 4 layers x (q/k/v, o, gate/up, down)
+    assert calls["means"] == applied  # once per deduplicated input, not per linear layer
+    assert calls["table"] <= 3  # before SEC, the selected layer's MLP (mid_layer), after SEC
+    assert rows["q_proj"] == rows["k_proj"] == rows["v_proj"] < ov_prompt["input_ids"].shape[1]
+
+
+def _rows_reference(x, grids, live, **kw):
+    """Roots per row from `match_vectors` on each sample's full grid (pruned tokens = zero rows)."""
+    B, L, C = x.shape
+    root = torch.arange(B * L).view(B, L).clone()
+    for b in range(B):
+        off, n = 0, sum(g.size for g in grids[b])
+        G = torch.zeros(n, C)
+        idx = torch.full((n,), -1, dtype=torch.long)
+        for g in grids[b]:
+            rng = torch.arange(g.start, g.start + g.size)
+            keep = live[b, rng]
+            G[off:off + g.size][keep] = x[b, rng][keep]
+            idx[off:off + g.size][keep] = rng[keep]
+            off += g.size
+        off = 0
+        for g in grids[b]:
+            m = S.match_vectors(G[off:off + g.size], g.frames, g.height, g.width, vector_size=0, **kw)
+            r = m.root[:, 0] + off
+            for t in range(g.size):
+                if idx[off + t] >= 0:
+                    root[b, idx[off + t]] = b * L + idx[r[t]]
+            off += g.size
+    return root.flatten()
+
+
+@pytest.mark.parametrize("kw", [dict(frame_block=2, block=1, m_size=-1), dict(frame_block=2, block=2, m_size=7),
+                                dict(frame_block=3, block=2, m_size=-1, mask_row_wrap=True)])
+def test_row_matching_equals_grid_matching(kw):
+    from mllm_efficiency.video.layout import Grid
+
+    g = torch.Generator().manual_seed(0)
+    grids = [[Grid(2, 4, 2, 3), Grid(30, 3, 2, 2)], [Grid(5, 5, 3, 2)]]
+    B, L, C = 2, 45, 16
+    base = torch.randn(B, 1, C, generator=g)
+    x = base + 0.3 * torch.randn(B, L, C, generator=g)  # similar rows everywhere
+    x[0, 10] = 0.0  # an all-zero live token (it does not count for the tiles)
+    live = torch.rand(B, L, generator=g) > 0.2
+    grid = torch.full((B, L), -1, dtype=torch.long)
+    for b, row in enumerate(grids):
+        n = 0
+        for gr in row:
+            grid[b, gr.start:gr.start + gr.size] = torch.arange(n, n + gr.size)
+            n += gr.size
+    alive = (grid >= 0) & live
+    kw = dict(kw)
+    m_size = kw.pop("m_size")
+    nb = S.row_neighbours(grid, alive, grids, m_size=m_size, **kw)
+    for thr in (0.9, 0.95, -0.5):
+        m = S.match_rows(x.reshape(B * L, C), nb, threshold=thr, m_size=m_size)
+        ref = _rows_reference(x, grids, alive, threshold=thr, m_size=m_size, **kw)
+        assert torch.equal(m.root, ref)
+        assert int(m.removed()) == int((ref != torch.arange(B * L)).sum())
+        assert int(m.removed()) > 0 or thr > 0.9
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -239,6 +422,8 @@ def test_cmc_sparsity_at_most_seven_eighths(ov, ov_prompt):
     ("focus", dict(vector_size=-3), "vector_size"),
     ("focus", dict(block_size=1, frame_block_size=1), "block_size"),
     ("focus", dict(gemm_m_size=0), "gemm_m_size"),
+    ("focus", dict(min_dedup_fraction=1.5), "min_dedup_fraction"),
+    ("focus", dict(min_dedup_fraction=-0.1), "min_dedup_fraction"),
     ("focus", dict(sic_mode="fast"), "sic_mode"),
     ("framefusion", dict(cost=0.0), "cost"),
     ("adaptiv", dict(threshold=2.0), "threshold"),

@@ -13,7 +13,12 @@ SIC (prefill only) wraps the linear layers at the GEMM inputs `q_proj` (shared b
 - `sic_mode="emulate"`: matched vectors are replaced by their group mean, the GEMM runs densely (accuracy of
   the accelerator, no speedup; the savings are simulated from the recorded sparsity);
 - `sic_mode="token_dedup"`: whole-token matching, the GEMM runs on the unique rows only and the result is
-  expanded to every member (real savings; `query` is not deduplicated: fused attention kernels);
+  expanded to every member (real savings; `query` is not deduplicated: fused attention kernels). The candidate
+  table of the current rows is built once per kept set (SEC stage), the matching once per GEMM input (q/k/v and
+  gate/up share theirs, group means included) with one host sync, and a layer whose first dedup point finds
+  fewer than `min_dedup_fraction` of its rows duplicated (estimated on at most `similarity.SAMPLE_ROWS` rows
+  first) runs every GEMM densely (its later points are not matched at all): gather/scatter only pay off above a
+  break-even fraction;
 - `sic_mode="off"`: SEC only (same as `sec_only=True`).
 """
 from __future__ import annotations
@@ -55,6 +60,7 @@ class FocusConfig(MethodConfig):
     sic_mode: str = "emulate"
     gemms: tuple = GEMMS
     mask_row_wrap: bool = False
+    min_dedup_fraction: float = 0.15  # token_dedup: below this duplicate-row fraction a layer's GEMMs run dense
     placement: str = "mid_layer"
     frames: int | None = None  # frame count when the processor's grid information is not available
     record_trace: bool = False
@@ -84,6 +90,9 @@ class FocusConfig(MethodConfig):
         if (self.block_size or 2) == 1 and self.frame_block_size == 1:
             raise ConfigError("block_size=1 with frame_block_size=1 leaves no neighbour to match: "
                               "use a T x S x S block with T >= 2 or S >= 2")
+        f = self.min_dedup_fraction
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not (0.0 <= float(f) <= 1.0):
+            raise ConfigError(f"min_dedup_fraction must be in [0, 1], got {f!r}")
         if self.gemm_m_size != -1:
             check_int("gemm_m_size", self.gemm_m_size, 1)
         check_choice("sic_mode", self.sic_mode, ("emulate", "token_dedup", "off"))
@@ -124,8 +133,11 @@ class FocusStats:
     tokens_per_layer: list[int] = dataclasses.field(default_factory=list)  # sample 0: sequence length per layer
     # (gemm, layer) -> [similar vectors, zero vectors, vectors of the original grid]
     sic_counts: dict = dataclasses.field(default_factory=dict)
-    # (gemm, layer) -> [rows computed, rows of the input] (token_dedup)
+    # (gemm, layer) -> [rows computed, rows of the input] (token_dedup; every point, deduplicated or not)
     dedup_rows: dict = dataclasses.field(default_factory=dict)
+    # (gemm, layer) -> [duplicate rows found, rows of the input] (token_dedup; the points that were matched; an
+    # estimate from `similarity.SAMPLE_ROWS` rows where that sample alone made the layer run dense)
+    duplicates: dict = dataclasses.field(default_factory=dict)
     cache_lengths: list[int] | None = None
     prefills: int = 0
 
@@ -134,9 +146,22 @@ class FocusStats:
         return (sim + zero) / total if total else 0.0
 
     def rows_removed(self, gemm: str) -> float:
+        """Fraction of the GEMM's rows that were not computed (0 for layers that ran dense)."""
         done = [v for (g, _), v in self.dedup_rows.items() if g == gemm]
         total = sum(t for _, t in done)
         return 1.0 - sum(c for c, _ in done) / total if total else 0.0
+
+    def duplicates_found(self, gemm: str) -> float:
+        """Fraction of duplicate rows over the layers where the GEMM's input was matched (applied or not)."""
+        done = [v for (g, _), v in self.duplicates.items() if g == gemm]
+        total = sum(t for _, t in done)
+        return sum(d for d, _ in done) / total if total else 0.0
+
+    @property
+    def dense_layers(self) -> list[int]:
+        """token_dedup: layers whose GEMMs all ran on every row (below `min_dedup_fraction` or no duplicate)."""
+        layers = sorted({l for _, l in self.dedup_rows})
+        return [l for l in layers if all(c == t for (g, k), (c, t) in self.dedup_rows.items() if k == l)]
 
 
 class TraceRecorder:
@@ -159,24 +184,31 @@ class Site:
         self.owner, self.layer, self.gemm = owner, layer, gemm
         self._x = None
         self._prepared = None
+        self._means = None
 
     def reset(self) -> None:
-        self._x = self._prepared = None
+        self._x = self._prepared = self._means = None
 
     def run(self, inner: nn.Module, x: torch.Tensor) -> torch.Tensor:
         owner = self.owner
         if not owner.sic_live or x.dim() != 3 or x.shape[1] < 2:
             return inner(x)
-        if self._x is not x:
-            self._x = x
-            self._prepared = owner.prepare(x, self.layer, self.gemm)
+        if self._x is not x:  # first linear layer of this input: match once, the others reuse it
+            enter = getattr(owner, "enter", None)  # owners other than Focus (CMC) only have `prepare`
+            if enter is not None:
+                enter(self)
+            self._x, self._means = x, None
+            self._prepared = getattr(owner, "prepare_site", owner.prepare)(x, self.layer, self.gemm)
         prep = self._prepared
         if prep is None:
             return inner(x)
         if isinstance(prep, torch.Tensor):
             return inner(prep)
         B, L, C = x.shape
-        y = S.dedup_linear(inner, x.reshape(B * L, C), prep)
+        x2d = x.reshape(B * L, C)
+        if self._means is None:
+            self._means = S.group_means_rows(x2d, prep)
+        y = S.dedup_linear(inner, x2d, prep, self._means)
         return y.view(B, L, y.shape[-1])
 
 
@@ -217,6 +249,10 @@ class AttachedFocus:
         self.pending: dict[int, torch.Tensor] = {}  # selected layer -> keep over current slots (mid_layer)
         self.sic_live = False
         self._targets: list[list[int]] = []
+        self._active: Site | None = None  # the site whose input is cached (released when the next one starts)
+        self._layer_dedup: dict[int, bool] = {}  # token_dedup: layer -> its first point found enough duplicates
+        self._neighbours_cache: list = []  # [(key, RowNeighbours)], the last two kept sets
+        self._counts: list = []  # token_dedup: ((gemm, layer), device tensor [similar, live nonzero], n_grid)
         self.steps = [DelegateStep(self, layer + 1, layer, tag=i) for i, layer in enumerate(config.selected_layers)]
         self.engine = None
         for step in self.steps:
@@ -267,11 +303,18 @@ class AttachedFocus:
         self.layout_source.remove()
 
     # ----------------------------------------------------------------- prefill bookkeeping
+    def _release(self) -> None:
+        for site in self._sites:
+            site.reset()
+        self._active = None
+        self._layer_dedup.clear()
+        self._neighbours_cache.clear()
+        self._counts.clear()
+
     def _on_text_model(self, module, args, kwargs):
         self.pending.clear()
         self.sic_live = False
-        for site in self._sites:
-            site.reset()
+        self._release()
         req = self.engine.req
         if req is None and not self.layout_source.ctx.fresh:
             return None
@@ -281,18 +324,20 @@ class AttachedFocus:
             if layout is not None and sum(layout.n_grid) and ids.shape[1] > 1:
                 self.sic_live = self.config.sic_on
                 self.trace.clear()
-                self.stats.sic_counts, self.stats.dedup_rows = {}, {}
+                self.stats.sic_counts, self.stats.dedup_rows, self.stats.duplicates = {}, {}, {}
                 self.stats.visual_per_layer, self.stats.tokens_per_layer = [], []
                 self.stats.num_visual = list(layout.n_grid)
                 self.stats.keep_per_stage = [[] for _ in self.config.selected_layers]
         return None
 
     def _after_text_model(self, module, args, output):
-        if self.sic_live:
-            self.stats.prefills += 0  # counted in step_finish when SEC ran
+        if self._counts:  # the similarity counts of token_dedup: one host transfer per prefill
+            values = torch.stack([t for _, t, _ in self._counts]).tolist()
+            for ((key, _, n_grid), (similar, live_nonzero)) in zip(self._counts, values):
+                prev = self.stats.sic_counts.get(key, [0, 0, 0])
+                self.stats.sic_counts[key] = [prev[0] + similar, prev[1] + n_grid - live_nonzero, prev[2] + n_grid]
         self.sic_live = False
-        for site in self._sites:
-            site.reset()
+        self._release()
         return None
 
     def _count_layer(self, i: int):
@@ -302,10 +347,15 @@ class AttachedFocus:
             hidden = args[0] if args else kwargs["hidden_states"]
             if hidden.shape[1] < 2 or len(self.stats.tokens_per_layer) != i:
                 return None
-            grid, _ = self.rows(i, mlp=False, B=hidden.shape[0], Lcur=hidden.shape[1], device=hidden.device)
             # layer i's pre-hook order: the engine shrank the input first (its hooks were registered first)
+            req = self.engine.req
+            if req is not None and req.kept.shape[1] == hidden.shape[1] and req.visual_counts:
+                n = int(req.visual_counts[0])  # host-side count: no synchronisation per layer
+            else:
+                grid, _ = self.rows(i, mlp=False, B=hidden.shape[0], Lcur=hidden.shape[1], device=hidden.device)
+                n = int((grid[0] >= 0).sum())
             self.stats.tokens_per_layer.append(int(hidden.shape[1]))
-            self.stats.visual_per_layer.append(int((grid[0] >= 0).sum()))
+            self.stats.visual_per_layer.append(n)
             return None
 
         return hook
@@ -376,8 +426,75 @@ class AttachedFocus:
             alive = alive & self.pending[layer]
         return grid, alive
 
+    def enter(self, site: Site) -> None:
+        """`site` starts on a new input: the previous site's cached input and means are no longer needed."""
+        if self._active is not None and self._active is not site:
+            self._active.reset()
+        self._active = site
+
+    def neighbours(self, layer: int, mlp: bool, B: int, Lcur: int, device) -> S.RowNeighbours:
+        """Candidate table of the current rows, built once per kept set (and mid-layer pending set)."""
+        req = self.engine.req
+        pend = self.pending.get(layer) if mlp else None
+        if req is not None and req.kept.shape[1] == Lcur:
+            key = (req.kept, req.valid, pend, B, Lcur)
+        else:
+            key = (self.layout_source.layout, None, pend, B, Lcur)
+        for k, nb in self._neighbours_cache:
+            if all(a is b if not isinstance(a, int) else a == b for a, b in zip(k, key)):
+                return nb
+        cfg = self.config
+        grid, alive = self.rows(layer, mlp, B, Lcur, device)
+        nb = S.row_neighbours(grid, alive, self.layout_source.layout.grids, frame_block=cfg.frame_block_size,
+                              block=cfg.block, m_size=cfg.gemm_m_size, mask_row_wrap=cfg.mask_row_wrap)
+        self._neighbours_cache = [(key, nb)] + self._neighbours_cache[:1]
+        return nb
+
+    def prepare_site(self, x: torch.Tensor, layer: int, gemm: str):
+        """What a GEMM point runs on: the mean-replaced input (emulate), a DedupPlan, or None (dense)."""
+        cfg = self.config
+        if cfg.sic_mode == "emulate":
+            return self.prepare(x, layer, gemm)
+        B, L, C = x.shape
+        M = B * L
+        plan = None
+        if cfg.record_trace:  # the full-grid path records codes and roots in grid space
+            plan = self.prepare(x, layer, gemm)
+            removed = plan.removed
+        elif self._layer_dedup.get(layer) is False:  # the layer's first point found too few duplicates
+            self.stats.dedup_rows[(gemm, layer)] = [M, M]
+            return None
+        else:
+            nb = self.neighbours(layer, gemm in MLP_GEMMS, B, L, x.device)
+            x2d = x.reshape(M, C)
+            if layer not in self._layer_dedup and cfg.min_dedup_fraction > 0 and nb.sample is not None:
+                # the layer's first point: decide on an evenly spread sample of rows before matching them all
+                found, matched, _ = S.count_duplicates(x2d, nb, threshold=cfg.similarity_threshold,
+                                                       m_size=cfg.gemm_m_size)
+                estimate = int(found) * nb.rows.numel() / (matched * M)  # host sync
+                if estimate < cfg.min_dedup_fraction:
+                    self._layer_dedup[layer] = False
+                    self.stats.duplicates[(gemm, layer)] = [round(estimate * M), M]
+                    self.stats.dedup_rows[(gemm, layer)] = [M, M]
+                    return None
+            m = S.match_rows(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size)
+            removed = m.removed()
+            self._counts.append(((gemm, layer), torch.stack([removed, (nb.live & m.nonzero).sum()]), nb.n_grid))
+            removed = int(removed)  # the host synchronisation of this point (the plan's shapes need it)
+        self.stats.duplicates[(gemm, layer)] = [removed, M]
+        worth = removed / M >= cfg.min_dedup_fraction
+        layer_ok = self._layer_dedup.setdefault(layer, worth)  # the first point of a layer decides for it
+        if not (layer_ok and worth and removed > 0):
+            self.stats.dedup_rows[(gemm, layer)] = [M, M]
+            return None
+        if plan is None:
+            plan = S.dedup_plan(m.root, removed)
+        self.stats.dedup_rows[(gemm, layer)] = [M - removed, M]
+        return plan
+
     def prepare(self, x: torch.Tensor, layer: int, gemm: str):
-        """Emulation: the mean-replaced input; token_dedup: a DedupPlan over the flattened rows."""
+        """Full-grid path (emulation; token_dedup with `record_trace`): the mean-replaced input (emulation) or a
+        DedupPlan over the flattened rows (token_dedup)."""
         cfg = self.config
         B, Lcur, C = x.shape
         grid, alive = self.rows(layer, gemm in MLP_GEMMS, B, Lcur, x.device)

@@ -3,7 +3,9 @@ against its causal spatio-temporal neighbours, grouping, group means; and the to
 (gather unique rows -> dense GEMM -> scatter).
 
 Everything works on one token grid `x` of shape (N, width), rows in grid order (frame, row, column), pruned
-tokens as all-zero rows. A vector is a `vector_size`-wide channel slice of one token.
+tokens as all-zero rows. A vector is a `vector_size`-wide channel slice of one token. The token-level fast path
+(`row_neighbours` + `match_rows`) gives the same whole-token matching directly on the current (pruned) rows of a
+flattened GEMM input, without building the full grid.
 """
 from __future__ import annotations
 
@@ -141,37 +143,225 @@ def token_roots(x: torch.Tensor, frames: int, height: int, width: int, *, thresh
 
 
 @dataclasses.dataclass
+class RowNeighbours:
+    """Candidate rows of every row of a flattened (B * L) GEMM input under one kept set: structure only (no
+    activations), so it is built once per SEC stage and shared by every GEMM point and layer until the next one.
+
+    Equivalent to `match_vectors(vector_size=0)` on each sample's full token grid (pruned tokens as zero rows):
+    a candidate that is pruned, outside the grid or masked (`mask_row_wrap`) is absent; the M-tile test, which
+    depends on which rows are all-zero, is left to `match_rows`. Only the `P` rows that have a candidate at all
+    are matched.
+    """
+
+    rows: torch.Tensor  # long (P,): flat rows with at least one candidate (ascending)
+    cand: torch.Tensor  # long (P, K): flat row of their k-th candidate (spec order) or -1
+    live: torch.Tensor  # bool (M,): unpruned grid tokens
+    slot: torch.Tensor  # long (M,): b * (n_max + 1) + grid index (live rows; a dummy slot otherwise)
+    base: torch.Tensor  # long (M,): slot of the first token of the row's grid
+    n_slots: int
+    jumps: int  # pointer-jumping rounds that resolve the longest possible chain
+    n_grid: int  # grid tokens of the original grids, all samples (the denominator of the sparsity counts)
+    tiled: bool  # False when no sample has more than `m_size` live tokens (tile masking cannot act)
+    sample: torch.Tensor | None = None  # long (S,): evenly spread positions in `rows` (None: S = P, exact)
+
+
+SAMPLE_ROWS = 512  # rows matched to estimate a GEMM input's duplicate fraction (`count_duplicates`)
+
+
+def row_neighbours(grid: torch.Tensor, alive: torch.Tensor, grids, *, frame_block: int, block: int,
+                   m_size: int = -1, mask_row_wrap: bool = False) -> RowNeighbours:
+    """`grid` (B, L): grid index of every current row (-1: text / filler); `alive` (B, L): unpruned grid tokens;
+    `grids[b]`: the `layout.Grid`s of sample b in grid-index order. One host sync (`P` and the tile test)."""
+    B, L = grid.shape
+    dev = grid.device
+    sizes = [sum(g.size for g in row) for row in grids]
+    n_max = max(sizes, default=0)
+    W = n_max + 1  # the last column of every sample is a dummy slot
+    geo = torch.zeros(3, B, W, dtype=torch.long)  # grid start, height, width of the grid holding each token
+    geo[1:] = 1
+    offsets = neighbour_offsets(frame_block, block)
+    longest = 0
+    for b, row in enumerate(grids):
+        off = 0
+        for g in row:
+            geo[0, b, off:off + g.size] = off
+            geo[1, b, off:off + g.size] = g.height
+            geo[2, b, off:off + g.size] = g.width
+            step = min(dt * g.height * g.width + dh * g.width + dw for dt, dh, dw in offsets)
+            longest = max(longest, (g.size - 1) // step)  # chain edges go back >= `step` tokens
+            off += g.size
+    geo = geo.to(dev)
+    g = torch.where(alive, grid, torch.full_like(grid, n_max))
+    start, h, w = (geo[i].gather(1, g) for i in range(3))
+    local = g - start
+    hw = h * w
+    t, r, c = local // hw, (local // w) % h, local % w
+    flat = torch.arange(B * L, device=dev).view(B, L)
+    row_of = torch.full((B, W), -1, dtype=torch.long, device=dev).scatter_(1, g, flat)
+    row_of[:, n_max] = -1  # dummy slot (written by every text / pruned row)
+    cands = []
+    for dt, dh, dw in offsets:
+        src = local - (dt * hw + dh * w + dw)
+        ok = alive & (src >= 0)
+        if mask_row_wrap:
+            ok &= (c >= dw) & (r >= dh) & (t >= dt)
+        cand = row_of.gather(1, (start + src).clamp(0, n_max))
+        cands.append(torch.where(ok, cand, torch.full_like(cand, -1)))
+    cand = torch.stack(cands, -1).view(B * L, len(offsets))
+    has = (cand >= 0).any(1)
+    most = alive.sum(1).max() if B * L else torch.zeros((), dtype=torch.long, device=dev)
+    P, most = torch.stack([has.sum(), most]).tolist()  # the one host sync of a kept set
+    rows = _compact(has, torch.cumsum(has, 0) - 1, P)
+    slot = g + torch.arange(B, device=dev)[:, None] * W
+    base = start + torch.arange(B, device=dev)[:, None] * W
+    sample = (torch.arange(SAMPLE_ROWS, device=dev) * P) // SAMPLE_ROWS if P > SAMPLE_ROWS else None
+    return RowNeighbours(rows, cand[rows], alive.reshape(-1), slot.reshape(-1), base.reshape(-1), B * W,
+                         max(0, longest - 1).bit_length(), sum(sizes), m_size >= 0 and most > m_size, sample)
+
+
+@dataclasses.dataclass
+class RowMatching:
+    """Whole-token matching of the rows of a flattened GEMM input (no host sync)."""
+
+    code: torch.Tensor  # long (P,): per row of `RowNeighbours.rows`, 0 unique, 1..K chosen candidate
+    root: torch.Tensor  # long (M,): flat row of the group root (own index when unique / text / pruned)
+    nonzero: torch.Tensor  # bool (M,): rows that are not all-zero
+
+    def removed(self) -> torch.Tensor:
+        """0-dim: rows whose GEMM result is another row's (M - unique rows)."""
+        return (self.code > 0).sum()
+
+
+def _nonzero_rows(x2d: torch.Tensor) -> torch.Tensor:
+    """(M,) bool: rows that are not all-zero; = (x2d != 0).any(1), NaN included, without a temporary."""
+    return (x2d.amax(1) != 0) | (x2d.amin(1) != 0)
+
+
+def _choose(x2d: torch.Tensor, nb: RowNeighbours, rows: torch.Tensor, cand: torch.Tensor, nonzero, *,
+            threshold: float, m_size: int) -> torch.Tensor:
+    """(len(rows),) long code of `rows` (their candidates `cand`): 0 unique, 1..K the chosen candidate.
+    `match_vectors(vector_size=0)`'s fp32 arithmetic per row, strict `>` threshold, first offset wins ties."""
+    P, C = rows.numel(), x2d.shape[1]
+    dev = x2d.device
+    ok = cand >= 0
+    if nb.tiled:  # tiles count the unpruned tokens that are not all-zero (as `match_vectors`)
+        per_slot = torch.zeros(nb.n_slots, dtype=torch.long, device=dev)
+        per_slot[nb.slot] = (nb.live & nonzero).long()  # dummy slots only receive zeros (pruned / text rows)
+        before = torch.cumsum(per_slot, 0) - per_slot
+        tile = (before[nb.slot] - before[nb.base]) // m_size
+        ok &= tile[cand.clamp_min(0)] == tile[rows, None]
+    v = x2d.index_select(0, rows).float().view(P, 1, C)
+    norm = v.norm(dim=-1)  # (P, 1)
+    best = torch.zeros(P, 1, device=dev)
+    choice = torch.zeros(P, 1, dtype=torch.long, device=dev)
+    for k in range(cand.shape[1]):
+        c = x2d.index_select(0, cand[:, k].clamp_min(0)).float().view(P, 1, C)
+        cnorm = c.norm(dim=-1)
+        dot = (v * c).sum(-1)
+        denom = norm * cnorm
+        cos = torch.where((denom > 0) & ok[:, k:k + 1], (dot / denom.clamp_min(1e-30)).clamp_max(1.0),
+                          torch.zeros_like(dot))
+        better = cos > best
+        best = torch.where(better, cos, best)
+        choice = torch.where(better, torch.full_like(choice, k + 1), choice)
+    return torch.where((best > threshold) & (norm > 0), choice, torch.zeros_like(choice))[:, 0]
+
+
+def match_rows(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size: int = -1) -> RowMatching:
+    """`match_vectors(vector_size=0)` + `roots_from_codes` restricted to the rows that have a candidate: the same
+    fp32 cosines (same arithmetic per row), strict `>` threshold, first offset wins ties, tile masking, pointer
+    jumping with a fixed round count (no host sync)."""
+    M = x2d.shape[0]
+    nonzero = _nonzero_rows(x2d)
+    code = _choose(x2d, nb, nb.rows, nb.cand, nonzero, threshold=threshold, m_size=m_size)
+    ptr = torch.arange(M, device=x2d.device)
+    target = nb.cand.gather(1, (code - 1).clamp_min(0)[:, None])[:, 0]
+    ptr = ptr.index_copy(0, nb.rows, torch.where(code > 0, target, nb.rows))
+    for _ in range(nb.jumps):
+        ptr = ptr[ptr]
+    return RowMatching(code, ptr, nonzero)
+
+
+def count_duplicates(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size: int = -1):
+    """(0-dim count of duplicate rows among the matched ones, rows matched, whether that is every row with a
+    candidate). Matches only `nb.sample` (at most `SAMPLE_ROWS` evenly spread rows) when the table has one:
+    the duplicate fraction of the input is then estimated as count / matched * P / M. No host sync."""
+    if nb.sample is None:
+        code = _choose(x2d, nb, nb.rows, nb.cand, _nonzero_rows(x2d) if nb.tiled else None, threshold=threshold,
+                       m_size=m_size)
+        return (code > 0).sum(), nb.rows.numel(), True
+    rows, cand = nb.rows[nb.sample], nb.cand[nb.sample]
+    code = _choose(x2d, nb, rows, cand, _nonzero_rows(x2d) if nb.tiled else None, threshold=threshold,
+                   m_size=m_size)
+    return (code > 0).sum(), rows.numel(), False
+
+
+@dataclasses.dataclass
 class DedupPlan:
     """Rows of a flattened (M, K) GEMM input: `unique` rows computed, `expand` maps every row to its result."""
 
-    unique: torch.Tensor  # long (U,) row indices whose group means are computed
+    unique: torch.Tensor  # long (U,) row indices whose group means are computed (the roots, ascending)
     expand: torch.Tensor  # long (M,) position in `unique` of every row's root
     root: torch.Tensor  # long (M,) root row of every row (own index for text / unique rows)
+    dups: torch.Tensor | None = None  # long (M - U,) the other rows, ascending
 
     @property
     def removed(self) -> int:
         return self.root.numel() - self.unique.numel()
 
 
-def dedup_plan(root: torch.Tensor) -> DedupPlan:
-    """From per-row roots (a root points at itself) build the gather/scatter plan."""
+def _compact(mask: torch.Tensor, rank: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the `n` True entries of `mask` (ascending), `rank` = their position; no host sync."""
+    out = torch.empty(n + 1, dtype=torch.long, device=mask.device)
+    idx = torch.arange(mask.numel(), device=mask.device)
+    return out.scatter_(0, torch.where(mask, rank, torch.full_like(rank, n)), idx)[:n]
+
+
+def dedup_plan(root: torch.Tensor, removed: int | None = None) -> DedupPlan:
+    """From per-row roots (a root points at itself) build the gather/scatter plan. Pass `removed` (rows that are
+    not roots) when already known to avoid the host sync that counting it costs."""
     M = root.numel()
     is_root = root == torch.arange(M, device=root.device)
-    unique = is_root.nonzero().flatten()
-    pos = torch.full((M,), -1, dtype=torch.long, device=root.device)
-    pos[unique] = torch.arange(unique.numel(), device=root.device)
-    return DedupPlan(unique, pos[root], root)
+    if removed is None:
+        removed = M - int(is_root.sum())
+    rank = torch.cumsum(is_root, 0) - 1  # position among the roots (valid at roots)
+    dup_rank = torch.arange(M, device=root.device) - rank - 1  # position among the others (valid there)
+    unique = _compact(is_root, rank, M - removed)
+    dups = _compact(~is_root, dup_rank, removed)
+    return DedupPlan(unique, rank[root], root, dups)
 
 
 def group_means_rows(x2d: torch.Tensor, plan: DedupPlan) -> torch.Tensor:
-    """(U, K): mean of each group's rows (fp32 accumulation, cast back)."""
+    """(U, K): mean of each group's rows (fp32 accumulation in row order, cast back).
+
+    Singleton groups are the rows themselves; only the groups with members are accumulated (root, then the
+    members in row order: the fp32 sums of accumulating every row in row order), so the cost is O(U + 3 * removed)
+    rows rather than O(M) fp32 rows. No host sync when the plan carries its `dups`."""
     U = plan.unique.numel()
-    sums = torch.zeros(U, x2d.shape[1], device=x2d.device, dtype=torch.float32).index_add_(0, plan.expand, x2d.float())
-    counts = torch.bincount(plan.expand, minlength=U).clamp_min(1).to(torch.float32)
-    return (sums / counts[:, None]).to(x2d.dtype)
+    dups = plan.dups
+    if dups is None:
+        dups = (plan.root != torch.arange(plan.root.numel(), device=plan.root.device)).nonzero().flatten()
+    D = dups.numel()
+    if D == 0:
+        return x2d.index_select(0, plan.unique)
+    dev = x2d.device
+    # U + 1 rows: the last one takes the writes of the members that do not hold their group's sum
+    means = x2d.index_select(0, torch.cat([plan.unique, plan.unique[:1]]))
+    gpos = plan.expand[dups]  # group of every member
+    ar = torch.arange(D, device=dev)
+    first = torch.full((U,), D, dtype=torch.long, device=dev).scatter_reduce_(0, gpos, ar, "amin")
+    slot = first[gpos]  # each group accumulates in the slot of its first member
+    sums = x2d.index_select(0, plan.root[dups]).float()  # every slot starts from its root (= 0 + root)
+    sums.index_add_(0, slot, x2d.index_select(0, dups).float())
+    counts = (torch.bincount(slot, minlength=D) + 1).to(torch.float32)
+    mean = (sums / counts[:, None]).to(x2d.dtype)
+    means.index_copy_(0, torch.where(slot == ar, gpos, torch.full_like(gpos, U)), mean)
+    return means[:U]
 
 
-def dedup_linear(linear: torch.nn.Module, x2d: torch.Tensor, plan: DedupPlan) -> torch.Tensor:
-    """linear(group means) on the unique rows only, expanded to every row (= linear on the mean-replaced input)."""
-    y = linear(group_means_rows(x2d, plan))
+def dedup_linear(linear: torch.nn.Module, x2d: torch.Tensor, plan: DedupPlan,
+                 means: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(group means) on the unique rows only, expanded to every row (= linear on the mean-replaced input).
+    `means` = `group_means_rows(x2d, plan)` when already computed (linear layers sharing one input)."""
+    y = linear(group_means_rows(x2d, plan) if means is None else means)
     return y.index_select(0, plan.expand)
