@@ -109,7 +109,7 @@ def run(args) -> dict:
     T = cfg["num_hidden_layers"]
     rows = []
     for frames in args.frames:
-        ids, handle = video_prompt(model, frames, side, device, dtype)
+        ids, handle = video_prompt(model, frames, side, device, dtype, static=args.static, noise=args.noise)
         dense_ms = None
         for name, method, kw in arms(T, frames):
             if name == "cmc_emulation" and not args.with_cmc:
@@ -148,7 +148,9 @@ def run(args) -> dict:
                     h.remove()
         handle.remove()
     return dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", config=cfg, rows=rows,
-                note="LLM prefill only (vision tower not run); synthetic temporally-redundant visual embeddings; "
+                static=args.static, noise=args.noise,
+                note=f"LLM prefill only (vision tower not run); synthetic temporally-redundant visual embeddings "
+                     f"({args.static:.0%} static positions, noise {args.noise}); "
                      "cmc is an emulation (dense GEMMs), its time is not a speedup")
 
 
@@ -160,7 +162,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--with-cmc", action="store_true", help="also time the CMC emulation (slow)")
+    ap.add_argument("--static", type=float, default=0.5,
+                    help="fraction of grid positions that do not move between frames (temporal redundancy)")
+    ap.add_argument("--noise", type=float, default=0.15, help="per-frame noise on every token (x embedding std)")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.static <= 1.0 or args.noise < 0:
+        ap.error(f"--static must be in [0, 1] and --noise >= 0, got {args.static} and {args.noise}")
     args.frames = args.frames or ([4, 8] if args.tiny else [32, 64])
     t0 = time.time()
     res = run(args)
