@@ -52,6 +52,7 @@ import torch
 import mllm_efficiency as me
 from mllm_efficiency.bench.timing import GIB, environment_info, markdown_table, synchronize, time_cuda
 from mllm_efficiency.bench.report import build_random_model, cache_kwarg, jsonable, output_cache  # noqa: E402
+from mllm_efficiency.bench import roofline  # noqa: E402
 from mllm_efficiency.bench.roofline import kv_bytes, stored_lengths  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -220,28 +221,12 @@ class Clock:
 
 
 def measure_bandwidth(device: torch.device, mib: int, repeats: int = 10) -> dict:
-    """Achieved memory bandwidth: device-to-device copy ((read + write) bytes / time) and a read-only sum."""
-    n = mib * (1 << 20) // 4
-    x = torch.empty(n, dtype=torch.float32, device=device).uniform_()
-    y = torch.empty_like(x)
-    nbytes = n * 4
-    t_copy = time_cuda(lambda: y.copy_(x), warmup=2, repeats=repeats, device=device)
-    t_read = time_cuda(lambda: x.sum(), warmup=2, repeats=repeats, device=device)
-    del x, y
-    copy_bw = 2 * nbytes / (t_copy.median_ms / 1e3)
-    read_bw = nbytes / (t_read.median_ms / 1e3)
-    # host cost of one tiny op (a kernel launch on cuda), issued back to back without synchronising
-    z = torch.zeros(16, device=device)
-    for _ in range(200):
-        z.add_(1.0)
-    synchronize(device)
-    t = time.perf_counter()
-    for _ in range(2000):
-        z.add_(1.0)
-    launch_us = (time.perf_counter() - t) / 2000 * 1e6
-    synchronize(device)
-    return {"launch_us": launch_us, "buffer_bytes": nbytes, "copy_ms": t_copy.median_ms, "read_ms": t_read.median_ms,
-            "copy_bytes_per_s": copy_bw, "read_bytes_per_s": read_bw, "used_bytes_per_s": max(copy_bw, read_bw)}
+    """Achieved memory bandwidth (bench.roofline: device copy and read-only sum, the larger is used) and the
+    host cost of one tiny op, under this script's result keys."""
+    bw = roofline.measure_bandwidth(device, mib, repeats)
+    return {"launch_us": roofline.host_launch_us(device), "buffer_bytes": bw["buffer_bytes"],
+            "copy_ms": bw["copy_ms"], "read_ms": bw["read_ms"], "copy_bytes_per_s": bw["copy_bytes_per_s"],
+            "read_bytes_per_s": bw["read_bytes_per_s"], "used_bytes_per_s": bw["bytes_per_s"]}
 
 
 def free_memory(device: torch.device) -> None:

@@ -107,7 +107,7 @@ class ModelAdapter:
         out = []
         for b in range(input_ids.shape[0]):
             grids = []
-            for start, n in _runs(visual[b]):
+            for start, n in token_spans(visual[b]):
                 kind = "video" if video_id is not None and int(input_ids[b, start]) == video_id else "image"
                 grid = None
                 if frames is None and thw[kind]:
@@ -128,7 +128,8 @@ def _grid_list(t) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in row) for row in t.tolist()] if isinstance(t, torch.Tensor) else []
 
 
-def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
+def token_spans(row: torch.Tensor) -> list[tuple[int, int]]:
+    """Contiguous runs of True in a 1-D bool tensor as (start, length)."""
     r = row.to(torch.int8)
     edges = torch.diff(torch.cat([r.new_zeros(1), r, r.new_zeros(1)]))
     starts = (edges == 1).nonzero().flatten().tolist()

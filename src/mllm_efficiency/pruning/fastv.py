@@ -15,6 +15,7 @@ import torch
 from ..config import MethodConfig, check_choice, check_int, check_ratio
 from ..errors import ConfigError, NoVisualTokensError
 from ..registry import register_method
+from ..adapters.base import token_spans  # re-exported: benchmarks import it from here
 from ..flops import keep_count  # noqa: F401  (the one keep rule; re-exported)
 from .engine import PruningEngine, PruningStats, Request
 from .scoring import key_scores
@@ -207,15 +208,6 @@ class FastVStep:
 
 def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores, descending=True, stable=True).indices[:k]
-
-
-def token_spans(row: torch.Tensor) -> list[tuple[int, int]]:
-    """Contiguous runs of True in a 1-D bool tensor as (start, length)."""
-    r = row.to(torch.int8)
-    edges = torch.diff(torch.cat([r.new_zeros(1), r, r.new_zeros(1)]))
-    starts = (edges == 1).nonzero().flatten().tolist()
-    ends = (edges == -1).nonzero().flatten().tolist()
-    return [(s, e - s) for s, e in zip(starts, ends)]
 
 
 class AttachedFastV:
