@@ -37,8 +37,19 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
+def is_number(value: Any) -> bool:
+    """A real number given as int or float (a bool is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_unit_fraction(name: str, value: Any) -> None:
+    """A fraction in (0, 1]."""
+    if not is_number(value) or not (0.0 < float(value) <= 1.0):
+        raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+
+
 def check_ratio(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= float(value) < 1.0):
+    if not is_number(value) or not (0.0 <= float(value) < 1.0):
         raise ConfigError(f"{name} must be a fraction removed in [0, 1), got {value!r}")
 
 

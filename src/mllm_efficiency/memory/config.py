@@ -9,7 +9,7 @@ import dataclasses
 import logging
 from typing import Optional
 
-from ..config import MethodConfig, check_choice, check_int
+from ..config import MethodConfig, check_choice, check_int, is_number
 from ..errors import ConfigError
 
 log = logging.getLogger("mllm_efficiency.memory")
@@ -23,7 +23,7 @@ ON_MISSING = ("error", "infllm")
 
 def _check_number(name: str, value, low: float | None = None, high: float | None = None,
                   low_open: bool = False) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not is_number(value):
         raise ConfigError(f"{name} must be a number, got {value!r}")
     bad_low = low is not None and (value <= low if low_open else value < low)
     if bad_low or (high is not None and value > high):

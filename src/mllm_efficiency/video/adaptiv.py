@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from ..config import MethodConfig, check_int
+from ..config import MethodConfig, check_int, is_number
 from ..errors import ConfigError
 from ..pruning.engine import PruningEngine
 from ..registry import register_method
@@ -24,7 +24,7 @@ class AdapTiVConfig(MethodConfig):
 
     def validate(self) -> None:
         t = self.threshold
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (-1.0 <= float(t) <= 1.0):
+        if not is_number(t) or not (-1.0 <= float(t) <= 1.0):
             raise ConfigError(f"threshold must be a sign similarity in [-1, 1], got {t!r}")
         if self.frames is not None:
             check_int("frames", self.frames, 1)

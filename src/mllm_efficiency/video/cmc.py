@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from ..config import MethodConfig, check_int
+from ..config import MethodConfig, check_int, is_number
 from ..errors import ConfigError
 from ..pruning.engine import PruningEngine
 from ..registry import register_method
@@ -36,7 +36,7 @@ class CMCConfig(MethodConfig):
         check_int("interval_size", self.interval_size, 2)
         for name in ("fc_threshold", "query_threshold", "attn_threshold"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            if not is_number(v) or v < 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
         if self.frames is not None:
             check_int("frames", self.frames, 1)

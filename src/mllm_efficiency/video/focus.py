@@ -24,12 +24,11 @@ SIC (prefill only) wraps the linear layers at the GEMM inputs `q_proj` (shared b
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import MethodConfig, check_choice, check_int
+from ..config import MethodConfig, check_choice, check_int, check_unit_fraction, is_number
 from ..errors import ConfigError
 from ..pruning.engine import PruningEngine
 from ..pruning.scoring import key_scores
@@ -40,11 +39,6 @@ from .common import DelegateStep, PromptLayout, current_visual, topk_keep
 GEMMS = ("q_proj", "query", "o_proj", "gate_proj", "down_proj")
 MLP_GEMMS = ("gate_proj", "down_proj")
 DEDUP_GEMMS = ("q_proj", "o_proj", "gate_proj", "down_proj")
-
-
-def _check_unit(name: str, value: Any, low_open: bool = True) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < float(value) <= 1.0):
-        raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +72,9 @@ class FocusConfig(MethodConfig):
         if list(self.selected_layers) != sorted(set(self.selected_layers)):
             raise ConfigError(f"selected_layers must be strictly increasing, got {list(self.selected_layers)}")
         for i, a in enumerate(self.alpha_list):
-            _check_unit(f"alpha_list[{i}]", a)
+            check_unit_fraction(f"alpha_list[{i}]", a)
         t = self.similarity_threshold
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (-1.0 <= float(t) <= 1.0):
+        if not is_number(t) or not (-1.0 <= float(t) <= 1.0):
             raise ConfigError(f"similarity_threshold must be a cosine in [-1, 1], got {t!r}")
         if self.vector_size is not None:
             check_int("vector_size", self.vector_size, 0)
@@ -91,7 +85,7 @@ class FocusConfig(MethodConfig):
             raise ConfigError("block_size=1 with frame_block_size=1 leaves no neighbour to match: "
                               "use a T x S x S block with T >= 2 or S >= 2")
         f = self.min_dedup_fraction
-        if not isinstance(f, (int, float)) or isinstance(f, bool) or not (0.0 <= float(f) <= 1.0):
+        if not is_number(f) or not (0.0 <= float(f) <= 1.0):
             raise ConfigError(f"min_dedup_fraction must be in [0, 1], got {f!r}")
         if self.gemm_m_size != -1:
             check_int("gemm_m_size", self.gemm_m_size, 1)

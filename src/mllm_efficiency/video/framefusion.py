@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..config import MethodConfig, check_int
+from ..config import MethodConfig, check_int, check_unit_fraction, is_number
 from ..errors import ConfigError
 from ..pruning.engine import PruningEngine
 from ..pruning.scoring import key_scores
@@ -46,11 +46,9 @@ class FrameFusionConfig(MethodConfig):
 
     def validate(self) -> None:
         for name in ("cost", "ratio_lower_bound"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0.0 < float(v) <= 1.0):
-                raise ConfigError(f"{name} must be in (0, 1], got {v!r}")
+            check_unit_fraction(name, getattr(self, name))
         v = self.similarity_lower_bound
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (-1.0 <= float(v) <= 1.0):
+        if not is_number(v) or not (-1.0 <= float(v) <= 1.0):
             raise ConfigError(f"similarity_lower_bound must be a cosine in [-1, 1], got {v!r}")
         if self.frames is not None:
             check_int("frames", self.frames, 1)

@@ -3,7 +3,6 @@ baselines' CSVs (VIDEO.md sections 5 and 10). Models here are the tiny random bu
 seeded synthetic videos (frames = a shared base + noise, so adjacent frames are similar)."""
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import torch
