@@ -7,16 +7,23 @@ static tokens, so adjacent frames are similar as in real video); they replace th
 video span through a forward hook on `embed_tokens`, so the methods see ordinary `input_ids`.
 
 Arms: dense, focus SEC only, focus SEC + token_dedup (the GPU fast path), framefusion cost 0.3, adaptiv, and
-cmc (emulation: its time is reported but it is not a speedup method here). TTFT = one prefill forward with a
-cache, CUDA events, warm-up, median of repeats. Theoretical ops (MACs) follow VIDEO.md section 3.
+cmc (emulation: its time is reported but it is not a speedup method here). With `--focus-match-ff`, two more
+Focus arms (SEC only, SEC + token_dedup) whose alpha_list is the default one times one factor, found by
+bisection on the MAC formula below so that Focus's MACs are just at or below FrameFusion's MACs measured in the
+same run (same selected layers). TTFT = one prefill forward with a cache, CUDA events, warm-up, median of
+repeats. Theoretical ops (MACs) follow VIDEO.md section 3: per layer the rows each GEMM computed (the selected
+layers' MLPs run on the rows their SEC step keeps; deduplicated GEMMs count their computed rows) and n^2 H for
+attention; the similarity matching, gathers and scatters of token_dedup are memory-bound work, not counted.
 
-    python benchmarks/video/bench_video.py --out results/video            # GPU, ~5 min on an H100
-    python benchmarks/video/bench_video.py --tiny --out /tmp/video_tiny   # CPU smoke run
+    python benchmarks/video/bench_video.py --focus-match-ff --out results/video  # GPU, ~3 min on an H200
+    python benchmarks/video/bench_video.py --tiny --focus-match-ff --out /tmp/video_tiny   # CPU smoke run
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -87,34 +94,148 @@ def ops(cfg: dict, tokens_per_layer, rows=None) -> float:
     return total
 
 
+def focus_schedule(T: int, prompt: int, n_visual: int, selected, alphas):
+    """Focus's token counts without running it (batch 1, placement mid_layer): tokens entering each layer, and
+    {(gemm, layer): (rows computed, rows of the layer)} for the selected layers' MLPs."""
+    text, vis = prompt - n_visual, n_visual
+    stage = dict(zip(selected, alphas))
+    lens, rows = [], {}
+    for layer in range(T):
+        lens.append(text + vis)
+        if layer in stage:
+            k = min(max(1, int(stage[layer] * n_visual)), vis) if vis else 0
+            if k < vis:
+                rows[("gate_proj", layer)] = rows[("down_proj", layer)] = (text + k, text + vis)
+            vis = k
+    return lens, rows
+
+
+def match_alphas(cfg: dict, prompt: int, n_visual: int, selected, alphas, target: float):
+    """(factor, alphas): the largest factor f (alphas = f * default, floored to 4 decimals, at most 1) whose
+    theoretical MACs are <= `target`; None when even the smallest keep counts exceed it. Bisection: the MACs
+    do not decrease with f."""
+    T = cfg["num_hidden_layers"]
+
+    def scaled(f):
+        return tuple(min(1.0, math.floor(f * a * 1e4) / 1e4) for a in alphas)
+
+    def macs(al):
+        if min(al) <= 0:
+            return math.inf
+        return ops(cfg, *focus_schedule(T, prompt, n_visual, selected, al))
+
+    lo, hi = 0.0, 1.0 / max(alphas)
+    if macs(scaled(hi)) <= target:
+        return hi, scaled(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs(scaled(mid)) <= target else (lo, mid)
+    if lo == 0.0 or macs(scaled(lo)) > target:
+        return None
+    return lo, scaled(lo)
+
+
 def arms(T: int, frames: int):
-    video = dict(selected_layers=(3, 6, 9, 18, 26), alpha_list=(0.4, 0.3, 0.2, 0.15, 0.1))
-    if T < 28:
-        video = dict(selected_layers=(0, 1, 2, 3), alpha_list=(0.4, 0.3, 0.2, 0.1))
     common = dict(frames=frames)
+    video = focus_default(T)
     return [("dense", None, {}),
             ("focus_sec", "focus", dict(video, sec_only=True, **common)),
             ("focus_sec_dedup", "focus", dict(video, sic_mode="token_dedup", similarity_threshold=0.9, **common)),
             ("framefusion_0.3", "framefusion", dict(cost=0.3, similarity_lower_bound=0.6, **common)),
+            ("focus_sec_ffmatch", "focus", dict(video, sec_only=True, **common)),  # alphas set at run time
+            ("focus_sec_dedup_ffmatch", "focus", dict(video, sic_mode="token_dedup", similarity_threshold=0.9,
+                                                      **common)),
             ("adaptiv", "adaptiv", dict(threshold=0.5, **common)),
             ("cmc_emulation", "cmc", dict(**common))]
+
+
+def focus_default(T: int) -> dict:
+    if T < 28:
+        return dict(selected_layers=(0, 1, 2, 3), alpha_list=(0.4, 0.3, 0.2, 0.1))
+    return dict(selected_layers=(3, 6, 9, 18, 26), alpha_list=(0.4, 0.3, 0.2, 0.15, 0.1))
+
+
+def host_ms(fn, device, repeats: int = 3):
+    """Median host time to return from `fn` after an idle device (CUDA: the time to enqueue the prefill,
+    including any wait at a host synchronisation inside it; close to TTFT when the host is the bottleneck)."""
+    if device != "cuda":
+        return None
+    out = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")  # + plain cudaMemcpy
+
+
+def profile_prefill(fn, device) -> dict:
+    """One profiled call (torch.profiler, as bench_kv's diagnostics): total kernel time (TTFT - kernel_ms is GPU
+    idle time: launch gaps, host synchronisations), kernel count, and host synchronisations (stream / device /
+    event synchronize, synchronous cudaMemcpy; the final synchronize excluded). Empty off CUDA or when the
+    profiler is unusable (diagnostics never fail the run)."""
+    if device != "cuda":
+        return {}
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        kernel_us, kernels, syncs = 0.0, 0, 0
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                kernel_us += e.time_range.elapsed_us()
+                kernels += 1
+            elif e.name == "cudaMemcpy" or any(e.name.startswith(c) for c in SYNC_CALLS):
+                syncs += 1  # a blocking copy is cudaMemcpyAsync + cudaStreamSynchronize: counted once
+        return dict(kernel_ms=kernel_us / 1e3, kernels=kernels, syncs=max(0, syncs - 1))  # minus the final one
+    except Exception as exc:
+        print(f"profiler unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {}
 
 
 def run(args) -> dict:
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if device == "cpu" and args.tiny:
+        torch.set_num_threads(1)  # tiny matrices: threads only add contention (noisy times on a shared host)
     cfg = TINY if args.tiny else QWEN2_7B
     side = 4 if args.tiny else 14
+    t0 = time.time()
     model = build(cfg, device, dtype)
+    print(f"model built in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     T = cfg["num_hidden_layers"]
+    default = focus_default(T)
     rows = []
     for frames in args.frames:
         ids, handle = video_prompt(model, frames, side, device, dtype, static=args.static, noise=args.noise)
-        dense_ms = None
+        prompt, n_visual = int(ids.shape[1]), frames * side * side
+        dense_ms = ff_macs = None
         for name, method, kw in arms(T, frames):
-            if name == "cmc_emulation" and not args.with_cmc:
+            if name == "cmc_emulation" and not args.with_cmc or args.arms and name not in args.arms:
                 continue
+            alphas, factor, predicted = kw.get("alpha_list"), None, None
+            if name.endswith("_ffmatch"):
+                if not args.focus_match_ff:
+                    continue
+                match = None if ff_macs is None else match_alphas(cfg, prompt, n_visual, default["selected_layers"],
+                                                                   default["alpha_list"], ff_macs)
+                if match is None:
+                    print(f"{name} at {frames} frames skipped: " + ("framefusion_0.3 did not run" if ff_macs is None
+                          else "no alpha scaling reaches framefusion's MACs"), file=sys.stderr)
+                    continue
+                factor, alphas = match
+                kw = dict(kw, alpha_list=alphas)
+            if method == "focus":
+                predicted = ops(cfg, *focus_schedule(T, prompt, n_visual, kw["selected_layers"], alphas)) / 1e12
             h = me.apply(model, method, **kw) if method else None
+            t_arm = time.time()
             try:
                 def prefill():
                     with torch.no_grad():
@@ -124,7 +245,10 @@ def run(args) -> dict:
                 lens = [cache.layers[i].keys.shape[-2] for i in range(T)]
                 del out, cache
                 t = time_cuda(prefill, warmup=args.warmup, repeats=args.repeats, device=device)
+                host = host_ms(prefill, device)
+                prof = profile_prefill(prefill, device) if args.profile else {}
                 st = h.stats if h else None
+                gemm_rows = st.gemm_rows() if hasattr(st, "gemm_rows") else None
                 dedup = getattr(st, "dedup_rows", None) or None
                 sparsity = None
                 if name.startswith("focus") and st.sic_counts:
@@ -133,22 +257,42 @@ def run(args) -> dict:
                     sparsity = st.token_sparsity
                 if name == "cmc_emulation":
                     sparsity = st.linear_sparsity
-                row = dict(frames=frames, arm=name, prompt=int(ids.shape[1]), ttft_ms=t.median_ms,
-                           p10_ms=t.p10_ms, p90_ms=t.p90_ms, mean_tokens=sum(lens) / T,
-                           tmacs=ops(cfg, lens, dedup) / 1e12, sparsity=sparsity,
+                tmacs = ops(cfg, lens, gemm_rows) / 1e12
+                row = dict(frames=frames, arm=name, prompt=prompt, ttft_ms=t.median_ms,
+                           p10_ms=t.p10_ms, p90_ms=t.p90_ms, host_ms=host, **prof,
+                           mean_tokens=sum(lens) / T, tmacs=tmacs, sparsity=sparsity,
                            rows_removed_q=st.rows_removed("q_proj") if dedup else None,
-                           rows_removed_down=st.rows_removed("down_proj") if dedup else None)
+                           rows_removed_down=st.rows_removed("down_proj") if dedup else None,
+                           alphas="/".join(f"{a:g}" for a in alphas) if alphas else None,
+                           alpha_factor=factor)
+                if method == "focus":
+                    # MACs of the same arm without crediting token_dedup (only the SEC-kept rows): <= the target
+                    # of a FLOPs-matched arm whether or not the deduplicated rows are counted
+                    row["tmacs_sec"] = predicted
+                    sec_rows = {(g, l): v for l, v in st.mlp_rows.items() for g in ("gate_proj", "down_proj")}
+                    sec_measured = ops(cfg, lens, sec_rows) / 1e12
+                    if not math.isclose(sec_measured, predicted, rel_tol=1e-9):
+                        print(f"warning: {name}: SEC MACs {sec_measured:.4f} T differ from the schedule's "
+                              f"{predicted:.4f} T", file=sys.stderr)
+                if factor is not None:
+                    row["target_tmacs"] = ff_macs / 1e12
                 if name == "dense":
                     dense_ms = t.median_ms
+                if name == "framefusion_0.3":
+                    ff_macs = tmacs * 1e12
                 row["speedup"] = dense_ms / t.median_ms if dense_ms else None
+                row["arm_s"] = time.time() - t_arm  # wall time of the arm's calls (budgeting runs)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             finally:
                 if h:
                     h.remove()
         handle.remove()
+        for row in rows:  # theoretical MACs relative to framefusion's at the same frame count
+            if row["frames"] == frames and ff_macs:
+                row["macs_vs_ff"] = row["tmacs"] * 1e12 / ff_macs
     return dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", config=cfg, rows=rows,
-                static=args.static, noise=args.noise,
+                static=args.static, noise=args.noise, focus_selected_layers=list(default["selected_layers"]),
                 note=f"LLM prefill only (vision tower not run); synthetic temporally-redundant visual embeddings "
                      f"({args.static:.0%} static positions, noise {args.noise}); "
                      "cmc is an emulation (dense GEMMs), its time is not a speedup")
@@ -162,10 +306,20 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--with-cmc", action="store_true", help="also time the CMC emulation (slow)")
+    ap.add_argument("--focus-match-ff", action="store_true",
+                    help="also run Focus (SEC only, SEC + token_dedup) with its alphas scaled by one factor so that "
+                         "its MACs are just at or below FrameFusion's at the same frame count")
+    ap.add_argument("--arms", nargs="+", default=None, help="run only these arms (names as in the table)")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: one more prefill per arm under torch.profiler: kernel_ms (total kernel time; "
+                         "TTFT - kernel_ms is GPU idle time), kernels, syncs (blocking host API calls)")
     ap.add_argument("--static", type=float, default=0.5,
                     help="fraction of grid positions that do not move between frames (temporal redundancy)")
     ap.add_argument("--noise", type=float, default=0.15, help="per-frame noise on every token (x embedding std)")
     args = ap.parse_args(argv)
+    known = [name for name, _, _ in arms(28, 1)]
+    if args.arms and not set(args.arms) <= set(known):
+        ap.error(f"--arms: unknown {sorted(set(args.arms) - set(known))}; known: {known}")
     if not 0.0 <= args.static <= 1.0 or args.noise < 0:
         ap.error(f"--static must be in [0, 1] and --noise >= 0, got {args.static} and {args.noise}")
     args.frames = args.frames or ([4, 8] if args.tiny else [32, 64])
@@ -174,9 +328,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    cols = ["frames", "arm", "prompt", "ttft_ms", "speedup", "mean_tokens", "tmacs", "sparsity",
-            "rows_removed_q", "rows_removed_down"]
-    md = f"Device: {res['device']}. {res['note']}.\n\n" + markdown_table(res["rows"], cols, float_digits=3)
+    cols = ["frames", "arm", "prompt", "ttft_ms", "speedup", "host_ms", "kernel_ms", "kernels", "syncs",
+            "mean_tokens", "tmacs", "tmacs_sec", "macs_vs_ff", "alphas", "sparsity", "rows_removed_q",
+            "rows_removed_down"]
+    cols = [c for c in cols if any(r.get(c) is not None for r in res["rows"]) or c in ("frames", "arm")]
+    md = (f"Device: {res['device']}. {res['note']}. Focus selected layers {res['focus_selected_layers']}; "
+          "tmacs counts the rows each GEMM computed (token_dedup credited), tmacs_sec the same arm without the "
+          "token_dedup credit.\n\n" + markdown_table(res["rows"], cols, float_digits=3))
     (out / "results.md").write_text(md + "\n")
     try:
         import matplotlib

@@ -59,6 +59,8 @@ def topk_keep(score: torch.Tensor, candidates: torch.Tensor, keep: list[int]) ->
     if kmax == 0:
         return out
     order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :kmax]
+    if min(keep) == kmax:  # every sample keeps kmax (batch 1): no host-to-device copy (a stream sync on CUDA)
+        return out.scatter_(1, order, True)
     chosen = torch.arange(kmax, device=score.device)[None, :] < torch.tensor(keep, device=score.device)[:, None]
     return out.scatter_(1, order, chosen)
 

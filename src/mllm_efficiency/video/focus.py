@@ -4,9 +4,11 @@ concentration (vector-wise dedup of GEMM inputs). Spec: shared/design/VIDEO.md s
 SEC: at every `selected_layers[i]` the text rows after the visual span score each surviving grid token
 (attention probabilities, max over heads then max over rows, computed from the post-RoPE q/k by the method,
 never as an L x L matrix); the top `max(1, int(alpha_i * n_visual_original))` survive. Pruning runs on the
-shared pruning engine at the input of the next layer; with `placement="mid_layer"` the selected layer's MLP
-inputs already treat the dropped tokens as pruned for similarity matching (the reference's semantics; the
-MLP is row-wise, so kept states are equal either way and only one MLP runs on rows that are then dropped).
+shared pruning engine at the input of the next layer; with `placement="mid_layer"` (the reference's semantics)
+the selected layer's MLP runs on the surviving rows only (gathered before it; the rows the next layer drops
+get a zero MLP output) and its similarity matching sees only them; `placement="next_layer"` runs that MLP on
+every row. The MLP is row-wise, so kept states are equal either way. Keep counts and the first scoring row are
+known on the host: a prefill needs no device-to-host transfer beyond the engine's one visual count.
 
 SIC (prefill only) wraps the linear layers at the GEMM inputs `q_proj` (shared by q/k/v), `o_proj`,
 `gate_proj` (shared by gate/up), `down_proj`, and transforms Q after RoPE (`query`) through the attention hub:
@@ -31,6 +33,7 @@ from torch import nn
 from ..config import MethodConfig, check_choice, check_int, check_unit_fraction, is_number
 from ..errors import ConfigError
 from ..pruning.engine import PruningEngine
+from ..pruning import scoring
 from ..pruning.scoring import key_scores
 from ..registry import register_method
 from . import similarity as S
@@ -129,6 +132,9 @@ class FocusStats:
     sic_counts: dict = dataclasses.field(default_factory=dict)
     # (gemm, layer) -> [rows computed, rows of the input] (token_dedup; every point, deduplicated or not)
     dedup_rows: dict = dataclasses.field(default_factory=dict)
+    # selected layer -> [rows its MLP computed, rows of the layer] (placement="mid_layer": the MLP of a selected
+    # layer runs on the rows that survive its SEC step only)
+    mlp_rows: dict = dataclasses.field(default_factory=dict)
     # (gemm, layer) -> [duplicate rows found, rows of the input] (token_dedup; the points that were matched; an
     # estimate from `similarity.SAMPLE_ROWS` rows where that sample alone made the layer run dense)
     duplicates: dict = dataclasses.field(default_factory=dict)
@@ -150,6 +156,18 @@ class FocusStats:
         done = [v for (g, _), v in self.duplicates.items() if g == gemm]
         total = sum(t for _, t in done)
         return sum(d for d, _ in done) / total if total else 0.0
+
+    def gemm_rows(self) -> dict:
+        """(gemm, layer) -> (rows computed, rows of the layer) for every GEMM that did not compute all the rows its
+        layer's attention saw: the selected layers' MLPs (mid_layer) and the token_dedup points (sample-summed)."""
+        rows = {}
+        for layer, (computed, total) in self.mlp_rows.items():
+            rows[("gate_proj", layer)] = rows[("down_proj", layer)] = (computed, total)
+        for (gemm, layer), (computed, seen) in self.dedup_rows.items():
+            # a point of a compacted MLP saw the surviving rows only: it counts against the layer's rows
+            total = self.mlp_rows.get(layer, (seen, seen))[1] if gemm in MLP_GEMMS else seen
+            rows[(gemm, layer)] = (computed, total)
+        return rows
 
     @property
     def dense_layers(self) -> list[int]:
@@ -241,6 +259,9 @@ class AttachedFocus:
         self.trace = TraceRecorder()
         self.layout_source = PromptLayout(adapter, config.frames, config.allow_text_only, "focus")
         self.pending: dict[int, torch.Tensor] = {}  # selected layer -> keep over current slots (mid_layer)
+        self._mlp_plan: dict[int, _Compaction] = {}  # selected layer -> rows its MLP computes (mid_layer)
+        self._mlp_live: _Compaction | None = None  # the compaction of the MLP running now
+        self._kept: dict[int, list[int]] = {}  # stage -> kept visual tokens per sample (host, from the targets)
         self.sic_live = False
         self._targets: list[list[int]] = []
         self._active: Site | None = None  # the site whose input is cached (released when the next one starts)
@@ -260,6 +281,12 @@ class AttachedFocus:
                          adapter.text_model.register_forward_hook(self._after_text_model)]
         for i, layer in enumerate(adapter.layers):
             self._handles.append(layer.register_forward_pre_hook(self._count_layer(i), with_kwargs=True))
+        if config.placement == "mid_layer":
+            for layer in config.selected_layers:
+                mlp = getattr(adapter.layers[layer], "mlp", None)
+                if isinstance(mlp, nn.Module) and hasattr(mlp, "down_proj"):  # a row-wise (dense) MLP
+                    self._handles += [mlp.register_forward_pre_hook(self._mlp_in(layer)),
+                                      mlp.register_forward_hook(self._mlp_out(layer))]
         if config.sic_on:
             self._wrap_linears()
             if "query" in config.active_gemms:
@@ -301,6 +328,9 @@ class AttachedFocus:
         for site in self._sites:
             site.reset()
         self._active = None
+        self._mlp_plan.clear()
+        self._mlp_live = None
+        self._kept.clear()
         self._layer_dedup.clear()
         self._neighbours_cache.clear()
         self._counts.clear()
@@ -319,6 +349,7 @@ class AttachedFocus:
                 self.sic_live = self.config.sic_on
                 self.trace.clear()
                 self.stats.sic_counts, self.stats.dedup_rows, self.stats.duplicates = {}, {}, {}
+                self.stats.mlp_rows = {}
                 self.stats.visual_per_layer, self.stats.tokens_per_layer = [], []
                 self.stats.num_visual = list(layout.n_grid)
                 self.stats.keep_per_stage = [[] for _ in self.config.selected_layers]
@@ -366,20 +397,54 @@ class AttachedFocus:
         self._targets.append(targets)
         return any(k < n for k, n in zip(targets, counts)) or self.config.sic_on
 
+    def _host_counts(self, req) -> bool:
+        """True when the engine's host-side visual counts are this method's (only Focus's steps act on the
+        request, all of them in place): keep counts and score rows then need no device-to-host transfer."""
+        return bool(req.visual_counts) and all(getattr(s, "owner", None) is self for s in req.active_steps)
+
     def step_score(self, step, req, module, query, key, attention_mask, kwargs):
         if step.tag is None:
             return None
         scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
         visual = current_visual(req)
-        idx = torch.arange(visual.shape[1], device=query.device)
-        row_start = (torch.where(visual, idx, -1).amax(1) + 1).clamp(max=visual.shape[1] - 1)
-        score = key_scores(query, key, attention_mask, scaling, "text_rows", "max", "max", row_start)
-        score = score[:, -visual.shape[1]:]
-        targets = [min(t, int(c)) for t, c in zip(self._targets[step.tag], visual.sum(1).tolist())]
-        keep = topk_keep(score, visual, targets)
+        Lcur = visual.shape[1]
+        idx = torch.arange(Lcur, device=query.device)
+        row_start = (torch.where(visual, idx, -1).amax(1) + 1).clamp(max=Lcur - 1)
+        host = self._host_counts(req)
+        first = self._first_text_row(req, Lcur, query.shape[2]) if host else None
+        if first is None:
+            score = key_scores(query, key, attention_mask, scaling, "text_rows", "max", "max", row_start)
+        else:
+            score = text_row_max_scores(query, key, attention_mask, scaling, row_start, first)
+        score = score[:, -Lcur:]
+        counts = list(req.visual_counts) if host else visual.sum(1).tolist()
+        targets = [min(t, int(c)) for t, c in zip(self._targets[step.tag], counts)]
+        keep = topk_keep(score, visual, targets)  # exactly targets[b] of the visual slots per sample
+        if host:
+            self._kept[step.tag] = targets
         if self.config.placement == "mid_layer":
-            self.pending[step.score_layer] = ~visual | keep
+            pend = ~visual | keep
+            self.pending[step.score_layer] = pend
+            dropped = [int(c) - t for c, t in zip(counts, targets)]
+            if min(dropped) > 0:
+                self._mlp_plan[step.score_layer] = _Compaction.of(step.score_layer, pend, Lcur - min(dropped))
         return keep
+
+    def _first_text_row(self, req, Lcur: int, Lq: int) -> int | None:
+        """`min(row_start)` of `key_scores` known on the host: with one grid per sample and at least one of its
+        tokens alive (SEC keeps >= 1), the rows after the last surviving grid token are the prompt's tokens
+        after the grid (never pruned; slots are right-aligned). None when that does not hold."""
+        layout = self.layout_source.layout
+        if layout is None or req.length != layout.grid_index.shape[1] or any(len(g) > 1 for g in layout.grids):
+            return None
+        starts = []
+        for b, grids in enumerate(layout.grids):
+            if not grids or not req.visual_counts[b]:
+                starts.append(0)  # no visual slot: row_start = 0
+            else:
+                g = grids[0]
+                starts.append(Lcur - (req.length - g.start - g.size))
+        return max(0, min(min(starts), Lcur - 1, Lq - 1))
 
     def step_select(self, step, req, hidden):
         if step.tag is None:
@@ -388,16 +453,44 @@ class AttachedFocus:
         if keep_vis is None:
             raise RuntimeError(f"focus: no scores were recorded at layer {step.score_layer}")
         self.pending.pop(step.score_layer, None)
+        self._mlp_plan.pop(step.score_layer, None)
         visual = current_visual(req)
-        counts = keep_vis.sum(1).tolist()
+        counts = self._kept.pop(step.tag, None)
+        if counts is not None and self._host_counts(req):
+            before = list(req.visual_counts)
+        else:
+            counts, before = keep_vis.sum(1).tolist(), visual.sum(1).tolist()
         self.stats.keep_per_stage[step.tag] = counts
         if self.config.record_trace:
             grid = self.layout_source.layout.grid_index.gather(1, req.kept)[0]
             kept = grid[keep_vis[0]]
             self.trace.kept[step.score_layer] = torch.sort(kept).values.to(torch.int32).cpu()
-        if all(k == n for k, n in zip(counts, visual.sum(1).tolist())):
+        if all(k == n for k, n in zip(counts, before)):
             return None, counts
         return ~visual | keep_vis, counts
+
+    # ----------------------------------------------------------------- the selected layers' MLPs (mid_layer)
+    def _mlp_in(self, layer: int):
+        def hook(module, args):
+            plan = self._mlp_plan.get(layer)
+            if plan is None or not args or args[0].dim() != 3 or args[0].shape[1] != plan.length:
+                return None
+            self._mlp_live = plan
+            x = args[0]
+            B, L = plan.index.shape[0], plan.length
+            self.stats.mlp_rows[layer] = [B * plan.index.shape[1], B * L]
+            return (plan.gather(x),) + tuple(args[1:])
+
+        return hook
+
+    def _mlp_out(self, layer: int):
+        def hook(module, args, output):
+            plan, self._mlp_live = self._mlp_live, None
+            if plan is None or plan.layer != layer:
+                return None
+            return plan.scatter(output)
+
+        return hook
 
     def step_finish(self, step, req, cache_lengths) -> None:
         if step is self.steps[-1]:
@@ -407,6 +500,10 @@ class AttachedFocus:
     # ----------------------------------------------------------------- SIC
     def rows(self, layer: int, mlp: bool, B: int, Lcur: int, device):
         """(grid index per current row or -1, alive per row) for a GEMM of `layer`."""
+        plan = self._mlp_live if mlp else None
+        if plan is not None and plan.layer == layer and plan.index.shape[1] == Lcur:  # compacted MLP input
+            grid, alive = self.rows(layer, mlp, B, plan.length, device)  # plan.length > Lcur: no recursion
+            return grid.gather(1, plan.index), alive.gather(1, plan.index)
         layout = self.layout_source.layout
         req = self.engine.req
         if req is not None and req.kept.shape[1] == Lcur:
@@ -430,10 +527,11 @@ class AttachedFocus:
         """Candidate table of the current rows, built once per kept set (and mid-layer pending set)."""
         req = self.engine.req
         pend = self.pending.get(layer) if mlp else None
-        if req is not None and req.kept.shape[1] == Lcur:
-            key = (req.kept, req.valid, pend, B, Lcur)
+        plan = self._mlp_live if mlp else None
+        if req is not None and req.kept.shape[1] in (Lcur, getattr(plan, "length", -1)):
+            key = (req.kept, req.valid, pend, getattr(plan, "index", None), B, Lcur)
         else:
-            key = (self.layout_source.layout, None, pend, B, Lcur)
+            key = (self.layout_source.layout, None, pend, None, B, Lcur)
         for k, nb in self._neighbours_cache:
             if all(a is b if not isinstance(a, int) else a == b for a, b in zip(k, key)):
                 return nb
@@ -547,6 +645,54 @@ class AttachedFocus:
         flat = query.transpose(1, 2).reshape(B, L, H * D)
         out = self.prepare(flat, module.layer_idx, "query")
         return out.view(B, L, H, D).transpose(1, 2)
+
+
+class _Compaction:
+    """Rows a selected layer's MLP computes: every slot but the visual tokens its SEC step drops (kept slots in
+    order first; in a ragged batch a sample with fewer drops also computes some of its dropped rows, harmlessly:
+    the next layer's input drops them). The MLP output of the other rows is zero (they are dropped next)."""
+
+    def __init__(self, layer: int, index: torch.Tensor, length: int):
+        self.layer, self.index, self.length = layer, index, length
+
+    @classmethod
+    def of(cls, layer: int, keep: torch.Tensor, rows: int) -> "_Compaction":
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :rows]
+        return cls(layer, order, keep.shape[1])
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return x.index_select(1, self.index[0])
+        return x.gather(1, self.index[..., None].expand(-1, -1, x.shape[-1]))
+
+    def scatter(self, y: torch.Tensor) -> torch.Tensor:
+        full = y.new_zeros(y.shape[0], self.length, y.shape[-1])
+        if y.shape[0] == 1:
+            return full.index_copy_(1, self.index[0], y)
+        return full.scatter_(1, self.index[..., None].expand(-1, -1, y.shape[-1]), y)
+
+
+def text_row_max_scores(query, key, attention_mask, scaling: float, row_start: torch.Tensor,
+                        first: int) -> torch.Tensor:
+    """`key_scores(..., "text_rows", "max", "max", row_start)` with its first row `first` (= min(row_start))
+    given by the caller, so no device-to-host transfer: the same chunks, the same arithmetic, bit-identical."""
+    B, H, Lq, D = query.shape
+    Hkv, Lk = key.shape[1], key.shape[2]
+    G = H // Hkv
+    device = query.device
+    kf = key.float().transpose(-1, -2)
+    best = torch.full((B, Lk), float("-inf"), device=device)
+    for start in range(first, Lq, scoring.ROW_CHUNK):
+        rows = torch.arange(start, min(start + scoring.ROW_CHUNK, Lq), device=device)
+        r = rows.shape[0]
+        q = query[:, :, rows, :].float().reshape(B, Hkv, G * r, D)
+        logits = (torch.matmul(q, kf) * scaling).view(B, Hkv, G, r, Lk)
+        bias = scoring._row_bias(attention_mask, rows, Lq, Lk, B, device)  # (B, 1, r, Lk)
+        probs = torch.softmax(logits + bias[:, :, None], dim=-1)
+        probs = torch.nan_to_num(probs, nan=0.0).reshape(B, H, r, Lk).amax(1)  # max over heads
+        visible = (bias[:, 0] > float("-inf")) & (rows[None, :, None] >= row_start[:, None, None])
+        best = torch.maximum(best, probs.masked_fill(~visible, float("-inf")).amax(1))
+    return best.clamp_min(0.0)
 
 
 @register_method("focus", family="video", config_cls=FocusConfig,

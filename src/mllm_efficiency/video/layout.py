@@ -6,6 +6,7 @@ so that the decoder stack, which only sees embeddings, can ask the adapter for t
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -42,8 +43,10 @@ class Layout:
     grid_index: torch.Tensor  # (B, L) long
     n_grid: list[int]  # grid tokens per sample
 
-    @property
+    @functools.cached_property
     def mask(self) -> torch.Tensor:
+        """(B, L) bool: grid tokens. One tensor per layout, so that the pruning engine sees the same visual mask
+        for every step of a method and counts it once (`grid_index` is never modified)."""
         return self.grid_index >= 0
 
     def describe(self, b: int = 0) -> dict:
