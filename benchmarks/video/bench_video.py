@@ -149,6 +149,17 @@ def arms(T: int, frames: int):
             ("cmc_emulation", "cmc", dict(**common))]
 
 
+def expand_matched(arm_list, fractions):
+    """(name, method, kw, fraction): the FLOPs-matched arms once per MAC fraction of FrameFusion's (named
+    `..._ffmatch` at 1, `..._ffmatch@F` otherwise; dropped when `fractions` is empty), the others with None."""
+    for name, method, kw in arm_list:
+        if not name.endswith("_ffmatch"):
+            yield name, method, kw, None
+            continue
+        for f in fractions or ():
+            yield (name if f == 1.0 else f"{name}@{f:g}"), method, kw, f
+
+
 def focus_default(T: int) -> dict:
     if T < 28:
         return dict(selected_layers=(0, 1, 2, 3), alpha_list=(0.4, 0.3, 0.2, 0.1))
@@ -217,15 +228,13 @@ def run(args) -> dict:
         ids, handle = video_prompt(model, frames, side, device, dtype, static=args.static, noise=args.noise)
         prompt, n_visual = int(ids.shape[1]), frames * side * side
         dense_ms = ff_macs = None
-        for name, method, kw in arms(T, frames):
-            if name == "cmc_emulation" and not args.with_cmc or args.arms and name not in args.arms:
+        for name, method, kw, fraction in expand_matched(arms(T, frames), args.focus_match_ff):
+            if name == "cmc_emulation" and not args.with_cmc or args.arms and name.split("@")[0] not in args.arms:
                 continue
             alphas, factor, predicted = kw.get("alpha_list"), None, None
-            if name.endswith("_ffmatch"):
-                if not args.focus_match_ff:
-                    continue
+            if fraction is not None:
                 match = None if ff_macs is None else match_alphas(cfg, prompt, n_visual, default["selected_layers"],
-                                                                   default["alpha_list"], ff_macs)
+                                                                   default["alpha_list"], fraction * ff_macs)
                 if match is None:
                     print(f"{name} at {frames} frames skipped: " + ("framefusion_0.3 did not run" if ff_macs is None
                           else "no alpha scaling reaches framefusion's MACs"), file=sys.stderr)
@@ -275,7 +284,7 @@ def run(args) -> dict:
                         print(f"warning: {name}: SEC MACs {sec_measured:.4f} T differ from the schedule's "
                               f"{predicted:.4f} T", file=sys.stderr)
                 if factor is not None:
-                    row["target_tmacs"] = ff_macs / 1e12
+                    row["target_tmacs"] = fraction * ff_macs / 1e12
                 if name == "dense":
                     dense_ms = t.median_ms
                 if name == "framefusion_0.3":
@@ -306,9 +315,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--with-cmc", action="store_true", help="also time the CMC emulation (slow)")
-    ap.add_argument("--focus-match-ff", action="store_true",
+    ap.add_argument("--focus-match-ff", type=float, nargs="*", default=None, metavar="F",
                     help="also run Focus (SEC only, SEC + token_dedup) with its alphas scaled by one factor so that "
-                         "its MACs are just at or below FrameFusion's at the same frame count")
+                         "its MACs are just at or below F x FrameFusion's at the same frame count (no F: F = 1; "
+                         "several F: one pair of arms each, named ..._ffmatch@F)")
     ap.add_argument("--arms", nargs="+", default=None, help="run only these arms (names as in the table)")
     ap.add_argument("--profile", action="store_true",
                     help="CUDA: one more prefill per arm under torch.profiler: kernel_ms (total kernel time; "
@@ -320,6 +330,10 @@ def main(argv=None) -> int:
     known = [name for name, _, _ in arms(28, 1)]
     if args.arms and not set(args.arms) <= set(known):
         ap.error(f"--arms: unknown {sorted(set(args.arms) - set(known))}; known: {known}")
+    if args.focus_match_ff == []:
+        args.focus_match_ff = [1.0]
+    if any(not 0.0 < f <= 1.0 for f in args.focus_match_ff or ()):
+        ap.error(f"--focus-match-ff: each F must be in (0, 1], got {args.focus_match_ff}")
     if not 0.0 <= args.static <= 1.0 or args.noise < 0:
         ap.error(f"--static must be in [0, 1] and --noise >= 0, got {args.static} and {args.noise}")
     args.frames = args.frames or ([4, 8] if args.tiny else [32, 64])
