@@ -145,21 +145,30 @@ def encode(sample, processor, image_token: str, n_image_tokens: int, end_ids: li
 
 
 class ShapesStream(torch.utils.data.IterableDataset):
-    """Endless training examples of the "train" split."""
+    """Endless training examples of the "train" split. Worker w takes the blocks w, w + n_workers, ... of
+    `block` consecutive indices, so every batch (built by one worker) holds consecutive samples and thus all
+    question types in equal shares (the type cycles with the index; a plain index stride shared with the type
+    cycle, e.g. 8 workers, would give batches of one type)."""
 
-    def __init__(self, processor, image_token: str, n_image_tokens: int, seed: int, start: int = 0):
+    def __init__(self, processor, image_token: str, n_image_tokens: int, seed: int, start: int = 0,
+                 block: int = 64):
         self.processor, self.image_token, self.n, self.seed, self.start = processor, image_token, n_image_tokens, \
             seed, start
+        self.block = block
         self.end_ids = processor.tokenizer.encode("<|im_end|>", add_special_tokens=False)
+
+    def indices(self, wid: int, nw: int):
+        k = wid
+        while True:
+            yield from range(self.start + k * self.block, self.start + (k + 1) * self.block)
+            k += nw
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        i = self.start + wid
-        while True:
+        for i in self.indices(wid, nw):
             yield encode(synthetic.make_sample(i, self.seed, "train"), self.processor, self.image_token, self.n,
                          self.end_ids)
-            i += nw
 
 
 def collate(batch, pad_id: int):
@@ -240,7 +249,8 @@ def main(argv=None) -> int:
 
     pad = tok.pad_token_id
     start = 0 if not args.init else 10_000_000  # a continued run sees new training scenes
-    loader = torch.utils.data.DataLoader(ShapesStream(processor, image_token, n_img, args.seed, start),
+    loader = torch.utils.data.DataLoader(ShapesStream(processor, image_token, n_img, args.seed, start,
+                                                     block=args.batch_size),
                                          batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=lambda b: collate(b, pad), persistent_workers=args.workers > 0,
                                          pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else None)
