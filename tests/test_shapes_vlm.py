@@ -122,3 +122,28 @@ def test_training_smoke_run_saves_loadable_parts(train_script, tmp_path):
     assert factors and all(a.shape[0] == 2 for a, _ in factors.values())
     model, _ = tiny_vlm()
     shapes_vlm.load_trained_parts(model, state)
+
+
+@pytest.mark.parametrize("workers", [1, 4, 8])
+def test_training_batches_mix_every_question_type(train_script, workers):
+    """Each worker's batch is `block` consecutive indices, so the cycling question types are all present in equal
+    shares (a stride of 4 or 8 workers would give one type per batch), and the workers cover every index once."""
+    class Proc:
+        class tokenizer:
+            @staticmethod
+            def encode(*_, **__):
+                return [0]
+
+    block = 8
+    stream = train_script.ShapesStream(Proc, "<image>", 4, seed=0, block=block)
+    import itertools
+
+    taken = {w: list(itertools.islice(stream.indices(w, workers), 3 * block)) for w in range(workers)}
+    for indices in taken.values():
+        for b in range(3):
+            batch = indices[b * block:(b + 1) * block]
+            types = [synthetic.make_sample(i, 0, "train").qtype for i in batch]
+            assert sorted(set(types)) == sorted(synthetic.QUESTION_TYPES)
+            assert all(types.count(t) == block // 4 for t in synthetic.QUESTION_TYPES)
+    everything = sorted(i for v in taken.values() for i in v)
+    assert everything == list(range(3 * block * workers))
