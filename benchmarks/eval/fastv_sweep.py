@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=None, help="trained-weights dir (default: the package assets)")
     p.add_argument("--backbone", default=shapes_vlm.BACKBONE, help="zoo alias or GGUF path of the LLM backbone")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--scorers", default="last_row",
+                   help="comma-separated FastV attention scorers to compare with random (last_row, text_rows, all_rows)")
     p.add_argument("--tiny", action="store_true", help="tiny random backbone, 8 questions (pipeline check)")
     args = p.parse_args(argv)
     if args.tiny:
@@ -58,8 +60,9 @@ def main(argv=None) -> int:
     model, proc = load(args.tiny, args.weights, args.device, args.backbone)
     samples = synthetic.make_samples(args.n, seed=args.seed, split="test")
     rows = []
-    configs = [("vanilla", 0.0, None)] + [(name, r, scorer) for r in ratios if r > 0
-                                           for name, scorer in (("fastv", "last_row"), ("random", "random"))]
+    scorers = [sc.strip() for sc in args.scorers.split(",") if sc.strip()]
+    arms = [("fastv" if sc == "last_row" else f"fastv-{sc}", sc) for sc in scorers] + [("random", "random")]
+    configs = [("vanilla", 0.0, None)] + [(name, r, scorer) for r in ratios if r > 0 for name, scorer in arms]
     for label, ratio, scorer in configs:
         t = time.time()
         if scorer is None:
@@ -80,6 +83,7 @@ def main(argv=None) -> int:
             "acc_relpos", "seconds"]
     md = (f"# shapes_vqa accuracy vs FastV R (K={args.k}, {args.n} held-out questions, "
           f"{model.config.image_seq_length} image tokens)\n\n" + markdown_table(rows, cols, 3) + "\n\n"
+          "`fastv` = FastV with the paper code's scorer (last_row); `fastv-<scorer>` = another attention scorer; "
           "`random` = FastV with scorer=random (same K, same kept count).\n")
     (out / "results.md").write_text(md)
     print(md)
@@ -91,7 +95,7 @@ def main(argv=None) -> int:
 
         base = rows[0]["acc_all"]
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for m in ("fastv", "random"):
+        for m in [name for name, _ in arms]:
             pts = [(0.0, base)] + [(r["ratio"], r["acc_all"]) for r in rows if r["method"] == m]
             ax.plot(*zip(*pts), marker="o", label=m)
         ax.set(xlabel="R (fraction of image tokens removed)", ylabel="exact match", title="shapes_vqa")
