@@ -177,7 +177,7 @@ def load_shapes_vlm(weights_dir: str | Path | None = None, *, backbone: str = BA
                 vision_config = {k: vc[k] for k in VISION_CONFIG if k in vc}
     elif not allow_untrained:
         raise FileNotFoundError(f"no trained weights at {weights_dir / WEIGHTS_FILE}; train them with "
-                                "scripts/train_tiny_vlm.py (see docs/eval.md)")
+                                "scripts/train_tiny_vlm.py (see benchmarks/eval/README.md)")
     else:
         warnings.warn(f"{ALIAS}: no trained vision weights at {weights_dir}; using an UNTRAINED random vision "
                       "tower (scores are chance level)", stacklevel=2)
