@@ -134,6 +134,40 @@ def test_sec_prefill_transfers_one_value_to_the_host(ov, ov_prompt):
     assert sum(t.sites.values()) == 1 and list(t.sites)[0].startswith("engine.py"), t.sites
 
 
+def test_token_dedup_host_syncs_and_ops(ov, ov_prompt):
+    """token_dedup on top of SEC: a stage whose sampled estimate is below min_dedup_fraction costs one host sync
+    (its candidate table and estimate together) and a bounded number of ops, whatever its layer count; where
+    points are deduplicated, the only syncs are one per point matched in full (the plan's shapes), one per
+    extra candidate table and the statistics' one, never inside the matching, the plan or the group means
+    (no nonzero / bincount / item). Counted with the benchmark's CPU proxies."""
+    bv = _bench()
+    cfg = dict(selected_layers=(1,), alpha_list=(0.5,), similarity_threshold=0.3)  # stages: layers 0-1, 2-3
+
+    def counts(**kw):
+        with me.apply(ov, "focus", **cfg, **kw) as h:
+            _logits(ov, ov_prompt)  # layout and grid geometry built here
+            c = bv.count_prefill(lambda: _logits(ov, ov_prompt))
+            sites = collections.Counter()
+            for item in filter(None, c["sync_sites"].split("; ")):
+                site, n = item.rsplit(" x", 1)
+                sites[site] += int(n)
+            return c, sites, h.stats
+
+    sec, sec_sites, _ = counts(sec_only=True)
+    dense, dense_sites, st = counts(sic_mode="token_dedup", min_dedup_fraction=1.0)
+    assert st.dense_layers == [0, 1, 2, 3]
+    extra = dense_sites - sec_sites
+    assert sum(extra.values()) == 2 and len(extra) == 1 and list(extra)[0].startswith("focus.py")  # 1 per stage
+    assert 0 < dense["ops"] - sec["ops"] <= 2 * 120
+    live, live_sites, st = counts(sic_mode="token_dedup", min_dedup_fraction=1e-9)
+    assert st.rows_removed("q_proj") > 0 and not st.dense_layers
+    assert not any(s.startswith("similarity.py") for s in live_sites)
+    focus_syncs = sum(n for s, n in live_sites.items() if s.startswith("focus.py"))
+    # 2 stages (their first points covered by the sample: no sync of their own), the other 14 points, the
+    # selected layer's MLP table (mid_layer), the statistics
+    assert len(st.duplicates) == 16 and focus_syncs == 2 + 14 + 1 + 1
+
+
 # ----------------------------------------------------------------------------- benchmark
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_video", ROOT / "benchmarks" / "video" / "bench_video.py")

@@ -1,6 +1,7 @@
 """Video token concentration (focus, framefusion, cmc, adaptiv) on tiny random video models."""
 from __future__ import annotations
 
+import bisect
 import math
 
 import pytest
@@ -221,7 +222,38 @@ def test_token_dedup_fast_path_equals_full_grid_path(ov, ov_prompt, cfg):
         assert sum(t - c for c, t in res[1][1].values()) > 0  # rows were removed
 
 
-def test_min_dedup_fraction_skips_layers(ov, ov_prompt):
+def _stage_rule_holds(stats, selected, cut, n_layers):
+    """The min_dedup_fraction rule, checked on one run's statistics: the first point (q_proj) of each SEC stage
+    is estimated; below `cut` the stage's layers all run dense and nothing else of the stage is matched; above
+    it each layer's q_proj decides for its layer, and a deciding layer's points are deduplicated exactly when
+    their own fraction reaches `cut`. Returns (stages that ran dense, stages that did not)."""
+    frac = {k: d / n for k, (d, n) in stats.duplicates.items()}
+    stages = {}
+    for layer in range(n_layers):
+        stages.setdefault(bisect.bisect_left(selected, layer), []).append(layer)
+    dense, live = [], []
+    for stage, layers in stages.items():
+        first = ("q_proj", layers[0])
+        assert first in frac
+        if frac[first] < cut:
+            dense.append(stage)
+            assert all(l in stats.dense_layers for l in layers)
+            assert [k for k in stats.duplicates if k[1] in layers] == [first]  # nothing else was matched
+            continue
+        live.append(stage)
+        for layer in layers:
+            if frac[("q_proj", layer)] < cut:
+                assert layer in stats.dense_layers
+                assert [k for k in stats.duplicates if k[1] == layer] == [("q_proj", layer)]
+                continue
+            for gemm in ("q_proj", "o_proj", "gate_proj", "down_proj"):
+                computed, total = stats.dedup_rows[(gemm, layer)]
+                d, n = stats.duplicates[(gemm, layer)]
+                assert n == total and computed == (total - d if d / n >= cut and d else total)
+    return dense, live
+
+
+def test_min_dedup_fraction_decides_per_stage(ov, ov_prompt):
     cfg = dict(selected_layers=(1,), alpha_list=(0.5,), similarity_threshold=0.3)
     with me.apply(ov, "focus", sec_only=True, **cfg):
         sec = _logits(ov, ov_prompt)
@@ -229,45 +261,79 @@ def test_min_dedup_fraction_skips_layers(ov, ov_prompt):
         assert torch.equal(_logits(ov, ov_prompt), sec)  # every layer ran dense: identical to SEC only
         st = h.stats
         assert st.rows_removed("q_proj") == 0 and st.rows_removed("down_proj") == 0
-        assert st.duplicates_found("q_proj") > 0  # the first point of each layer was matched ...
-        assert {g for g, _ in st.duplicates} == {"q_proj"}  # ... and decided for the whole layer
+        assert st.duplicates_found("q_proj") > 0  # the first point of each stage was matched ...
+        assert set(st.duplicates) == {("q_proj", 0), ("q_proj", 2)}  # ... and decided for the whole stage
         assert st.dense_layers == [0, 1, 2, 3]
-    # a threshold between the layers' duplicate fractions: exactly the layers at or above it deduplicate
-    with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, **cfg) as h:
+        assert _stage_rule_holds(st, (1,), 1.0, 4) == ([0, 1], [])
+    # a stage below the cut and one above it in the same prefill: layers 0-2 dense, layer 3 deduplicated
+    cfg = dict(selected_layers=(2,), alpha_list=(0.5,), similarity_threshold=0.2)
+    with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.2, **cfg) as h:
         _logits(ov, ov_prompt)
-        frac = {l: d / n for (g, l), (d, n) in h.stats.duplicates.items() if g == "q_proj"}
-    cut = sorted(set(frac.values()))[len(set(frac.values())) // 2]
+        assert _stage_rule_holds(h.stats, (2,), 0.2, 4) == ([0], [1])
+        assert h.stats.dense_layers == [0, 1, 2] and h.stats.rows_removed("down_proj") > 0
+
+
+@pytest.mark.parametrize("sel", [(0,), (1,), (2,), (0, 2)])
+@pytest.mark.parametrize("thr", [0.1, 0.3])
+@pytest.mark.parametrize("cut", [0.15, 0.2, 0.3])
+def test_stage_rule_on_many_settings(ov, ov_prompt, sel, thr, cut):
+    cfg = dict(selected_layers=sel, alpha_list=(0.5,) * len(sel), similarity_threshold=thr)
     with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=cut, **cfg) as h:
         _logits(ov, ov_prompt)
-        assert h.stats.dense_layers == sorted(l for l, f in frac.items() if f < cut or f == 0)
-        for (g, l), (c, t) in h.stats.dedup_rows.items():
-            d = h.stats.duplicates.get((g, l), (0, t))[0]
-            if frac[l] >= cut and d / t >= cut:
-                assert c == t - d  # deduplicated
-            else:
-                assert c == t  # dense
+        _stage_rule_holds(h.stats, sel, cut, 4)
 
 
-def test_sampled_layer_decision(ov, ov_prompt, monkeypatch):
-    """With more candidate rows than `SAMPLE_ROWS`, a layer's first point is decided on a sample: a layer it
-    sends dense is never matched in full, and outputs stay those of SEC only when nothing is deduplicated."""
+@pytest.mark.parametrize("cfg", DEDUP_CFGS)
+def test_stage_path_equals_unconditional_path(ov, ov_prompt, cfg):
+    """A cut below one row (1e-9): the stage path (table, sample and decision in one sync; the sample reused
+    as the full matching when it covered every row) deduplicates exactly the points min_dedup_fraction=0 does
+    (every layer's first point has a duplicate here): bit-identical logits and statistics."""
+    res = []
+    for cut in (0.0, 1e-9):
+        with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=cut, **cfg) as h:
+            res.append((_logits(ov, ov_prompt), h.stats.dedup_rows, h.stats.sic_counts, h.stats.duplicates))
+            assert all(d for (g, _), (d, _) in h.stats.duplicates.items() if g == "q_proj")
+    assert torch.equal(res[0][0], res[1][0])
+    assert res[0][1:] == res[1][1:]
+
+
+def test_sampled_stage_decision(ov, ov_prompt, monkeypatch):
+    """With more candidate rows than `SAMPLE_ROWS`, a stage's first point is decided on a sample: a stage it
+    sends dense is never matched in full (nor any other of its points), and outputs stay those of SEC only when
+    nothing is deduplicated; in a stage above the cut, the other layers' first points are estimated on a
+    sample of their own."""
     monkeypatch.setattr(S, "SAMPLE_ROWS", 4)
-    full, sampled = [], []
-    monkeypatch.setattr(S, "match_rows", lambda *a, _f=S.match_rows, **k: full.append(1) or _f(*a, **k))
-    monkeypatch.setattr(S, "count_duplicates", lambda *a, _f=S.count_duplicates, **k: sampled.append(1) or _f(*a, **k))
+    calls = {"full": 0, "layer": 0, "stage": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(S, "match_rows", counting("full", S.match_rows))
+    monkeypatch.setattr(S, "count_duplicates", counting("layer", S.count_duplicates))
+    monkeypatch.setattr(S, "sample_duplicates", counting("stage", S.sample_duplicates))
     cfg = dict(selected_layers=(1,), alpha_list=(0.5,), similarity_threshold=0.3)
     with me.apply(ov, "focus", sec_only=True, **cfg):
         sec = _logits(ov, ov_prompt)
     with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=1.0, **cfg) as h:
         assert torch.equal(_logits(ov, ov_prompt), sec)
-        # one matching per layer: on a sample where the layer has more than 4 candidate rows, else in full
-        assert sampled and len(sampled) + len(full) == 4 and h.stats.dense_layers == [0, 1, 2, 3]
-        assert {g for g, _ in h.stats.duplicates} == {"q_proj"}
+        assert calls == {"full": 0, "layer": 0, "stage": 2} and h.stats.dense_layers == [0, 1, 2, 3]
+        assert set(h.stats.duplicates) == {("q_proj", 0), ("q_proj", 2)}
+    calls.update(full=0, layer=0, stage=0)
+    with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=1e-9, **cfg) as h:
+        _logits(ov, ov_prompt)
+        dups = h.stats.duplicates
+        assert calls["stage"] == 2 and calls["layer"] == 2  # layers 1 and 3: their own sample
+        assert h.stats.dense_layers != [0, 1, 2, 3] and h.stats.rows_removed("q_proj") > 0
+        # every point of a deduplicating layer is matched in full, a layer sent dense by its sample not at all
+        assert calls["full"] == sum(1 for _, l in dups if l not in h.stats.dense_layers)
+    calls.update(full=0, layer=0, stage=0)
     with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, record_trace=True, **cfg):
         ref = _logits(ov, ov_prompt)  # the full-grid path
-    sampled.clear()
     with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, **cfg):
-        assert torch.equal(_logits(ov, ov_prompt), ref) and not sampled  # no sampling at 0
+        assert torch.equal(_logits(ov, ov_prompt), ref) and not calls["stage"] and not calls["layer"]  # none at 0
 
 
 def test_duplicate_estimate_from_a_sample():
@@ -294,6 +360,61 @@ def test_duplicate_estimate_from_a_sample():
     assert complete and int(found) / n == exact
 
 
+@pytest.mark.parametrize("m_size", [-1, 100, 1024])
+@pytest.mark.parametrize("frames", [4, 24])
+def test_stage_sample_equals_the_compacted_tables_sample(frames, m_size):
+    """`sample_duplicates` on the uncompacted table (P still on the device) matches the same rows as
+    `count_duplicates` on the compacted one; when it covers every row (P <= SAMPLE_ROWS) its codes are
+    `match_rows`'s and give the same roots (the stage path reuses them)."""
+    from mllm_efficiency.video.layout import Grid
+
+    g = torch.Generator().manual_seed(frames)
+    H = W = 8
+    C = 16
+    n = frames * H * W
+    x = torch.randn(1, n + 5, C, generator=g)
+    static = torch.rand(H * W, generator=g) < 0.6
+    for t in range(1, frames):
+        rows = torch.arange(H * W)[static] + t * H * W + 3
+        x[0, rows] = x[0, rows - H * W] + 0.01 * torch.randn(rows.numel(), C, generator=g)
+    grid = torch.full((1, n + 5), -1)
+    grid[0, 3:3 + n] = torch.arange(n)
+    alive = (grid >= 0) & (torch.rand(1, n + 5, generator=g) > 0.2)
+    grids = [[Grid(3, frames, H, W)]]
+    x2d = x.reshape(-1, C)
+    nb = S.row_neighbours(grid, alive, grids, frame_block=2, block=1, m_size=m_size)
+    c = S.row_candidates(grid, alive, grids, frame_block=2, block=1)
+    P, most = c.counts.tolist()
+    assert P == nb.rows.numel() and (P > S.SAMPLE_ROWS) == (frames == 24)
+    found, code, nonzero = S.sample_duplicates(x2d, c, threshold=0.9, m_size=m_size)
+    ref, matched, complete = S.count_duplicates(x2d, nb, threshold=0.9, m_size=m_size)
+    assert int(found) == int(ref) > 0 and matched == min(P, S.SAMPLE_ROWS) and complete == (P <= S.SAMPLE_ROWS)
+    assert code.shape == (S.SAMPLE_ROWS,) and not code[min(P, S.SAMPLE_ROWS):].any()
+    if complete:
+        full = S.match_rows(x2d, nb, threshold=0.9, m_size=m_size)
+        reused = S.match_rows(x2d, c.table(P, most, m_size), threshold=0.9, m_size=m_size, code=code[:P],
+                              nonzero=nonzero)
+        assert torch.equal(full.code, reused.code) and torch.equal(full.root, reused.root)
+        assert torch.equal(full.nonzero, reused.nonzero)
+
+
+def test_dedup_plan_orders_roots_then_members():
+    g = torch.Generator().manual_seed(0)
+    for M in (1, 7, 50):
+        for _ in range(5):
+            root = torch.arange(M)
+            for i in range(1, M):
+                if torch.rand(1, generator=g) < 0.5:
+                    root[i] = root[torch.randint(0, i, (1,), generator=g)]
+            plan = S.dedup_plan(root)
+            is_root = root == torch.arange(M)
+            unique = is_root.nonzero().flatten()
+            assert torch.equal(plan.unique, unique)
+            assert torch.equal(plan.dups, (~is_root).nonzero().flatten())
+            assert torch.equal(unique[plan.expand], root) and plan.removed == M - unique.numel()
+            assert torch.equal(S.dedup_plan(root, plan.removed).unique, unique)
+
+
 def test_token_dedup_matches_each_gemm_input_once(ov, ov_prompt, monkeypatch):
     """q/k/v (and gate/up) share one matching and one set of group means; the candidate table is built once
     per kept set, not per GEMM."""
@@ -307,7 +428,7 @@ def test_token_dedup_matches_each_gemm_input_once(ov, ov_prompt, monkeypatch):
 
     monkeypatch.setattr(S, "match_rows", counting("match", S.match_rows))
     monkeypatch.setattr(S, "group_means_rows", counting("means", S.group_means_rows))
-    monkeypatch.setattr(S, "row_neighbours", counting("table", S.row_neighbours))
+    monkeypatch.setattr(S, "row_candidates", counting("table", S.row_candidates))
     rows = {}
     with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, selected_layers=(1,),
                   alpha_list=(0.5,), similarity_threshold=0.0) as h:
@@ -321,7 +442,7 @@ def test_token_dedup_matches_each_gemm_input_once(ov, ov_prompt, monkeypatch):
         applied = sum(c < t for c, t in h.stats.dedup_rows.values())
     assert n_points == 16 and calls["match"] == 16  # 4 layers x (q/k/v, o, gate/up, down)
     assert calls["means"] == applied  # once per deduplicated input, not per linear layer
-    assert calls["table"] <= 3  # before SEC, the selected layer's MLP (mid_layer), after SEC
+    assert 1 <= calls["table"] <= 3  # before SEC, the selected layer's MLP (mid_layer), after SEC
     assert rows["q_proj"] == rows["k_proj"] == rows["v_proj"] < ov_prompt["input_ids"].shape[1]
 
 

@@ -17,6 +17,11 @@ attention; the similarity matching, gathers and scatters of token_dedup are memo
 
     python benchmarks/video/bench_video.py --focus-match-ff --out results/video  # GPU, ~3 min on an H200
     python benchmarks/video/bench_video.py --tiny --focus-match-ff --out /tmp/video_tiny   # CPU smoke run
+    python benchmarks/video/bench_video.py --narrow --frames 64 --arms focus_sec focus_sec_dedup --profile \
+        --warmup 0 --repeats 1 --out /tmp/video_narrow   # CPU op / host-sync counts on the 7B's layer structure
+
+`--profile` on CUDA profiles one prefill per arm (kernel time, kernels, host syncs); on CPU it counts their
+proxies (aten ops that would launch a kernel, calls that would synchronise with a GPU, and where they come from).
 """
 from __future__ import annotations
 
@@ -38,6 +43,11 @@ from mllm_efficiency.bench.timing import markdown_table, time_cuda  # noqa: E402
 
 QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                 num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6)
+# CPU proxy of QWEN2_7B for counting ops / syncs (--narrow): its 28 layers (so its Focus layers and SEC stages),
+# head size 128 and MLP ratio, 256 wide, weights scaled so that each linear layer has the 7B's gain
+NARROW = dict(hidden_size=256, intermediate_size=1354, num_hidden_layers=28, num_attention_heads=2,
+              num_key_value_heads=1, vocab_size=2048, max_position_embeddings=32768, rope_theta=1e6,
+              initializer_range=0.02 * (3584 / 256) ** 0.5)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=8192)
 VISUAL_ID = 151655
@@ -211,12 +221,74 @@ def profile_prefill(fn, device) -> dict:
         return {}
 
 
+# aten ops that wait for the device on CUDA (a value or an output shape read on the host)
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "argwhere", "equal", "is_nonzero", "bincount", "masked_select",
+            "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive"}
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "scalar_tensor", "lift_fresh",
+             "detach", "alias", "_local_scalar_dense", "resize_", "set_"}
+
+
+def count_prefill(fn) -> dict:
+    """CPU proxies of `profile_prefill`'s counts, for one call of `fn`: `ops`, the aten ops that would launch a
+    device kernel (every op reaching the dispatcher but views, allocations and scalar reads; an op's own internal
+    calls are not seen), `sync_ops`, the calls that synchronise the host with a CUDA device (`SYNC_OPS`, boolean
+    indexing, `repeat_interleave` without `output_size`, `Tensor.tolist`), and `sync_sites`, where they were
+    called from (file:line of the innermost frame under src/ or benchmarks/, with counts)."""
+    import collections
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = dict(ops=0, sync_ops=0)
+    sites = collections.Counter()
+
+    def hit():
+        counts["sync_ops"] += 1
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if frame.name == "count_prefill":  # called from the model's own code
+                sites["outside src/"] += 1
+                break
+            if "/src/mllm_efficiency/" in frame.filename or "/benchmarks/" in frame.filename:
+                sites[f"{frame.filename.split('/')[-1]}:{frame.lineno}"] += 1
+                break
+
+    def is_bool(t):
+        return isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func._schema.name.split("::")[-1]
+            if name in SYNC_OPS or name in ("index", "index_put", "index_put_") and any(
+                    is_bool(t) for t in (args[1] if len(args) > 1 else ())) or (
+                    name == "repeat_interleave" and kwargs.get("output_size") is None and len(args) < 4):
+                hit()
+            if not func.is_view and name not in NO_KERNEL:
+                counts["ops"] += 1
+            return func(*args, **kwargs)
+
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        hit()
+        return tolist(self)
+
+    torch.Tensor.tolist = counted_tolist
+    try:
+        with Count():
+            fn()
+    finally:
+        torch.Tensor.tolist = tolist
+    counts["sync_sites"] = "; ".join(f"{k} x{v}" for k, v in sorted(sites.items()))
+    return counts
+
+
 def run(args) -> dict:
-    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    device = "cpu" if args.tiny or args.narrow or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if device == "cpu" and args.tiny:
         torch.set_num_threads(1)  # tiny matrices: threads only add contention (noisy times on a shared host)
-    cfg = TINY if args.tiny else QWEN2_7B
+    cfg = TINY if args.tiny else NARROW if args.narrow else QWEN2_7B
     side = 4 if args.tiny else 14
     t0 = time.time()
     model = build(cfg, device, dtype)
@@ -255,7 +327,8 @@ def run(args) -> dict:
                 del out, cache
                 t = time_cuda(prefill, warmup=args.warmup, repeats=args.repeats, device=device)
                 host = host_ms(prefill, device)
-                prof = profile_prefill(prefill, device) if args.profile else {}
+                prof = {} if not args.profile else profile_prefill(prefill, device) if device == "cuda" \
+                    else count_prefill(prefill)
                 st = h.stats if h else None
                 gemm_rows = st.gemm_rows() if hasattr(st, "gemm_rows") else None
                 dedup = getattr(st, "dedup_rows", None) or None
@@ -311,6 +384,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke run)")
+    ap.add_argument("--narrow", action="store_true",
+                    help="CPU proxy of the 7B shape for --profile's op / sync counts: 28 layers (the 7B's Focus "
+                         "layers and SEC stages), 256 wide, 14 x 14 frames (10-15 s per 64-frame prefill)")
     ap.add_argument("--frames", type=int, nargs="+", default=None)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
@@ -322,11 +398,15 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", nargs="+", default=None, help="run only these arms (names as in the table)")
     ap.add_argument("--profile", action="store_true",
                     help="CUDA: one more prefill per arm under torch.profiler: kernel_ms (total kernel time; "
-                         "TTFT - kernel_ms is GPU idle time), kernels, syncs (blocking host API calls)")
+                         "TTFT - kernel_ms is GPU idle time), kernels, syncs (blocking host API calls); CPU: one "
+                         "more prefill per arm counting ops (aten ops that would launch a kernel) and sync_ops "
+                         "(calls that would synchronise with a GPU; their call sites in the JSON's sync_sites)")
     ap.add_argument("--static", type=float, default=0.5,
                     help="fraction of grid positions that do not move between frames (temporal redundancy)")
     ap.add_argument("--noise", type=float, default=0.15, help="per-frame noise on every token (x embedding std)")
     args = ap.parse_args(argv)
+    if args.tiny and args.narrow:
+        ap.error("--tiny and --narrow are exclusive")
     known = [name for name, _, _ in arms(28, 1)]
     if args.arms and not set(args.arms) <= set(known):
         ap.error(f"--arms: unknown {sorted(set(args.arms) - set(known))}; known: {known}")
@@ -342,8 +422,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    cols = ["frames", "arm", "prompt", "ttft_ms", "speedup", "host_ms", "kernel_ms", "kernels", "syncs",
-            "mean_tokens", "tmacs", "tmacs_sec", "macs_vs_ff", "alphas", "sparsity", "rows_removed_q",
+    cols = ["frames", "arm", "prompt", "ttft_ms", "speedup", "host_ms", "kernel_ms", "kernels", "syncs", "ops",
+            "sync_ops", "mean_tokens", "tmacs", "tmacs_sec", "macs_vs_ff", "alphas", "sparsity", "rows_removed_q",
             "rows_removed_down"]
     cols = [c for c in cols if any(r.get(c) is not None for r in res["rows"]) or c in ("frames", "arm")]
     md = (f"Device: {res['device']}. {res['note']}. Focus selected layers {res['focus_selected_layers']}; "

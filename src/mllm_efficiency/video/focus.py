@@ -17,14 +17,18 @@ SIC (prefill only) wraps the linear layers at the GEMM inputs `q_proj` (shared b
 - `sic_mode="token_dedup"`: whole-token matching, the GEMM runs on the unique rows only and the result is
   expanded to every member (real savings; `query` is not deduplicated: fused attention kernels). The candidate
   table of the current rows is built once per kept set (SEC stage), the matching once per GEMM input (q/k/v and
-  gate/up share theirs, group means included) with one host sync, and a layer whose first dedup point finds
-  fewer than `min_dedup_fraction` of its rows duplicated (estimated on at most `similarity.SAMPLE_ROWS` rows
-  first) runs every GEMM densely (its later points are not matched at all): gather/scatter only pay off above a
-  break-even fraction;
+  gate/up share theirs, group means included) with one host sync. `min_dedup_fraction` (gather/scatter only
+  pay off above a break-even fraction) decides per SEC stage first: the stage's first dedup point estimates its
+  duplicate fraction on at most `similarity.SAMPLE_ROWS` rows, read in the same host sync as the stage's
+  candidate table; below the cut every GEMM of the stage (the layers up to the next selected layer) runs
+  densely, with no other matching, table or sync. In a stage above it, the first point of each layer decides
+  for its layer (sampled likewise, one sync), and the points of a deciding layer are matched in full and
+  deduplicated when their own exact fraction reaches the cut;
 - `sic_mode="off"`: SEC only (same as `sec_only=True`).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 
 import torch
@@ -57,7 +61,7 @@ class FocusConfig(MethodConfig):
     sic_mode: str = "emulate"
     gemms: tuple = GEMMS
     mask_row_wrap: bool = False
-    min_dedup_fraction: float = 0.15  # token_dedup: below this duplicate-row fraction a layer's GEMMs run dense
+    min_dedup_fraction: float = 0.15  # token_dedup: duplicate-row fraction below which GEMMs run dense
     placement: str = "mid_layer"
     frames: int | None = None  # frame count when the processor's grid information is not available
     record_trace: bool = False
@@ -136,7 +140,7 @@ class FocusStats:
     # layer runs on the rows that survive its SEC step only)
     mlp_rows: dict = dataclasses.field(default_factory=dict)
     # (gemm, layer) -> [duplicate rows found, rows of the input] (token_dedup; the points that were matched; an
-    # estimate from `similarity.SAMPLE_ROWS` rows where that sample alone made the layer run dense)
+    # estimate from `similarity.SAMPLE_ROWS` rows where that sample alone made the layer or its SEC stage run dense)
     duplicates: dict = dataclasses.field(default_factory=dict)
     cache_lengths: list[int] | None = None
     prefills: int = 0
@@ -171,7 +175,8 @@ class FocusStats:
 
     @property
     def dense_layers(self) -> list[int]:
-        """token_dedup: layers whose GEMMs all ran on every row (below `min_dedup_fraction` or no duplicate)."""
+        """token_dedup: layers whose GEMMs all ran on every row (their stage, their first point or each point below
+        `min_dedup_fraction`, or no duplicate)."""
         layers = sorted({l for _, l in self.dedup_rows})
         return [l for l in layers if all(c == t for (g, k), (c, t) in self.dedup_rows.items() if k == l)]
 
@@ -267,6 +272,8 @@ class AttachedFocus:
         self._active: Site | None = None  # the site whose input is cached (released when the next one starts)
         self._layer_dedup: dict[int, bool] = {}  # token_dedup: layer -> its first point found enough duplicates
         self._neighbours_cache: list = []  # [(key, RowNeighbours)], the last two kept sets
+        self._stage_dedup: dict[int, bool] = {}  # token_dedup: SEC stage -> its sampled estimate reached the cut
+        self._geometry = None  # (layout, device, similarity.GridGeometry) of the candidate tables
         self._counts: list = []  # token_dedup: ((gemm, layer), device tensor [similar, live nonzero], n_grid)
         self.steps = [DelegateStep(self, layer + 1, layer, tag=i) for i, layer in enumerate(config.selected_layers)]
         self.engine = None
@@ -322,6 +329,7 @@ class AttachedFocus:
         for step in self.steps:
             self.engine.detach(step)
         self.layout_source.remove()
+        self._geometry = None
 
     # ----------------------------------------------------------------- prefill bookkeeping
     def _release(self) -> None:
@@ -332,6 +340,7 @@ class AttachedFocus:
         self._mlp_live = None
         self._kept.clear()
         self._layer_dedup.clear()
+        self._stage_dedup.clear()
         self._neighbours_cache.clear()
         self._counts.clear()
 
@@ -523,65 +532,140 @@ class AttachedFocus:
             self._active.reset()
         self._active = site
 
-    def neighbours(self, layer: int, mlp: bool, B: int, Lcur: int, device) -> S.RowNeighbours:
-        """Candidate table of the current rows, built once per kept set (and mid-layer pending set)."""
+    def _table_key(self, layer: int, mlp: bool, B: int, Lcur: int) -> tuple:
+        """What a candidate table depends on: the kept set (and mid-layer pending set / MLP compaction)."""
         req = self.engine.req
         pend = self.pending.get(layer) if mlp else None
         plan = self._mlp_live if mlp else None
         if req is not None and req.kept.shape[1] in (Lcur, getattr(plan, "length", -1)):
-            key = (req.kept, req.valid, pend, getattr(plan, "index", None), B, Lcur)
-        else:
-            key = (self.layout_source.layout, None, pend, None, B, Lcur)
+            return (req.kept, req.valid, pend, getattr(plan, "index", None), B, Lcur)
+        return (self.layout_source.layout, None, pend, None, B, Lcur)
+
+    def _cached_table(self, key: tuple) -> S.RowNeighbours | None:
         for k, nb in self._neighbours_cache:
             if all(a is b if not isinstance(a, int) else a == b for a, b in zip(k, key)):
                 return nb
+        return None
+
+    def _candidates(self, layer: int, mlp: bool, B: int, Lcur: int, device) -> S.RowCandidates:
+        """The uncompacted candidate table of the current rows (no host sync); the grids' geometry is built once
+        per layout and device."""
         cfg = self.config
         grid, alive = self.rows(layer, mlp, B, Lcur, device)
-        nb = S.row_neighbours(grid, alive, self.layout_source.layout.grids, frame_block=cfg.frame_block_size,
-                              block=cfg.block, m_size=cfg.gemm_m_size, mask_row_wrap=cfg.mask_row_wrap)
+        layout = self.layout_source.layout
+        cached = self._geometry
+        if cached is None or cached[0] is not layout or cached[1] != grid.device:
+            geometry = S.GridGeometry.of(layout.grids, cfg.frame_block_size, cfg.block, grid.device)
+            cached = self._geometry = (layout, grid.device, geometry)
+        return S.row_candidates(grid, alive, layout.grids, frame_block=cfg.frame_block_size, block=cfg.block,
+                                mask_row_wrap=cfg.mask_row_wrap, geometry=cached[2])
+
+    def _store(self, key: tuple, nb: S.RowNeighbours) -> S.RowNeighbours:
         self._neighbours_cache = [(key, nb)] + self._neighbours_cache[:1]
         return nb
 
+    def neighbours(self, layer: int, mlp: bool, B: int, Lcur: int, device) -> S.RowNeighbours:
+        """Candidate table of the current rows, built once per kept set (and mid-layer pending set); one sync."""
+        key = self._table_key(layer, mlp, B, Lcur)
+        nb = self._cached_table(key)
+        if nb is None:
+            c = self._candidates(layer, mlp, B, Lcur, device)
+            P, most = c.counts.tolist()  # the host sync of a kept set
+            nb = self._store(key, c.table(P, most, self.config.gemm_m_size))
+        return nb
+
+    def _stage_sample(self, x2d: torch.Tensor, layer: int, mlp: bool, B: int, L: int):
+        """The first point of a SEC stage: its candidate table and the sampled duplicate estimate, with one host
+        sync for both ([P, most, duplicates in the sample]). Returns (table, estimate, exact): the table is None
+        when the estimate is below `min_dedup_fraction` (not compacted: nothing of the stage will be matched);
+        `exact` = (duplicates, codes, nonzero rows) when the sample was every row with a candidate
+        (P <= SAMPLE_ROWS): the point's full matching is then known without another sync."""
+        cfg = self.config
+        M = x2d.shape[0]
+        key = self._table_key(layer, mlp, B, L)
+        nb = self._cached_table(key)
+        if nb is not None:  # the kept set did not change since the last table
+            return nb, self._layer_sample(x2d, nb), None
+        c = self._candidates(layer, mlp, B, L, x2d.device)
+        found, code, nonzero = S.sample_duplicates(x2d, c, threshold=cfg.similarity_threshold,
+                                                   m_size=cfg.gemm_m_size)
+        P, most, found = torch.cat([c.counts, found[None]]).tolist()  # the stage's one host sync
+        exact = P <= S.SAMPLE_ROWS
+        estimate = found / M if exact else found * P / (S.SAMPLE_ROWS * M)
+        if estimate < cfg.min_dedup_fraction:
+            return None, estimate, None
+        nb = self._store(key, c.table(P, most, cfg.gemm_m_size))
+        return nb, estimate, (found, code[:P], nonzero) if exact else None
+
+    def _layer_sample(self, x2d: torch.Tensor, nb: S.RowNeighbours) -> float | None:
+        """A layer's sampled duplicate estimate (one sync); None when the table is small enough to be matched in
+        full (the full matching decides)."""
+        if nb.sample is None:
+            return None
+        cfg = self.config
+        found, matched, _ = S.count_duplicates(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size)
+        return int(found) * nb.rows.numel() / (matched * x2d.shape[0])  # host sync
+
     def prepare_site(self, x: torch.Tensor, layer: int, gemm: str):
-        """What a GEMM point runs on: the mean-replaced input (emulate), a DedupPlan, or None (dense)."""
+        """What a GEMM point runs on: the mean-replaced input (emulate), a DedupPlan, or None (dense).
+
+        token_dedup with `min_dedup_fraction` > 0 decides in two steps: the first point of each SEC stage (the
+        layers between two selected layers) estimates its duplicate fraction on a sample, in the same host sync
+        as the stage's candidate table; below `min_dedup_fraction` every GEMM of the stage runs dense with no
+        further matching, table or sync. In a stage above it, the first point of each layer decides for its
+        layer (the stage's first layer reuses the stage's estimate), then every point of a deduplicating layer
+        is matched in full and deduplicated when its exact fraction reaches the threshold (one sync each)."""
         cfg = self.config
         if cfg.sic_mode == "emulate":
             return self.prepare(x, layer, gemm)
         B, L, C = x.shape
         M = B * L
-        plan = None
+        key = (gemm, layer)
         if cfg.record_trace:  # the full-grid path records codes and roots in grid space
             plan = self.prepare(x, layer, gemm)
-            removed = plan.removed
-        elif self._layer_dedup.get(layer) is False:  # the layer's first point found too few duplicates
-            self.stats.dedup_rows[(gemm, layer)] = [M, M]
+            return self._dedup_or_dense(key, plan.removed, M, plan)
+        stage = bisect.bisect_left(cfg.selected_layers, layer)  # SEC stages applied before this layer
+        if self._layer_dedup.get(layer) is False or self._stage_dedup.get(stage) is False:
+            self._layer_dedup[layer] = False
+            self.stats.dedup_rows[key] = [M, M]
             return None
+        mlp = gemm in MLP_GEMMS
+        x2d = x.reshape(M, C)
+        exact = None
+        if layer not in self._layer_dedup and cfg.min_dedup_fraction > 0:  # the layer's first point
+            if stage not in self._stage_dedup:
+                nb, estimate, exact = self._stage_sample(x2d, layer, mlp, B, L)
+                self._stage_dedup[stage] = estimate is None or estimate >= cfg.min_dedup_fraction
+            else:
+                nb = self.neighbours(layer, mlp, B, L, x.device)
+                estimate = self._layer_sample(x2d, nb)
+            if estimate is not None and estimate < cfg.min_dedup_fraction:
+                self._layer_dedup[layer] = False
+                self.stats.duplicates[key] = [round(estimate * M), M]
+                self.stats.dedup_rows[key] = [M, M]
+                return None
         else:
-            nb = self.neighbours(layer, gemm in MLP_GEMMS, B, L, x.device)
-            x2d = x.reshape(M, C)
-            if layer not in self._layer_dedup and cfg.min_dedup_fraction > 0 and nb.sample is not None:
-                # the layer's first point: decide on an evenly spread sample of rows before matching them all
-                found, matched, _ = S.count_duplicates(x2d, nb, threshold=cfg.similarity_threshold,
-                                                       m_size=cfg.gemm_m_size)
-                estimate = int(found) * nb.rows.numel() / (matched * M)  # host sync
-                if estimate < cfg.min_dedup_fraction:
-                    self._layer_dedup[layer] = False
-                    self.stats.duplicates[(gemm, layer)] = [round(estimate * M), M]
-                    self.stats.dedup_rows[(gemm, layer)] = [M, M]
-                    return None
-            m = S.match_rows(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size)
-            removed = m.removed()
-            self._counts.append(((gemm, layer), torch.stack([removed, (nb.live & m.nonzero).sum()]), nb.n_grid))
-            removed = int(removed)  # the host synchronisation of this point (the plan's shapes need it)
-        self.stats.duplicates[(gemm, layer)] = [removed, M]
-        worth = removed / M >= cfg.min_dedup_fraction
+            nb = self.neighbours(layer, mlp, B, L, x.device)
+        m = S.match_rows(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size,
+                         code=exact[1] if exact else None, nonzero=exact[2] if exact else None)
+        count = m.removed()
+        self._counts.append((key, torch.stack([count, (nb.live & m.nonzero).sum()]), nb.n_grid))
+        removed = exact[0] if exact else int(count)  # the host sync of this point (the plan's shapes need it)
+        return self._dedup_or_dense(key, removed, M, None, m)
+
+    def _dedup_or_dense(self, key: tuple, removed: int, M: int, plan=None, m=None):
+        """A matched point: deduplicated when its exact duplicate fraction reaches `min_dedup_fraction` and its
+        layer's first point did; the plan's shapes come from `removed` (no sync)."""
+        gemm, layer = key
+        self.stats.duplicates[key] = [removed, M]
+        worth = removed / M >= self.config.min_dedup_fraction
         layer_ok = self._layer_dedup.setdefault(layer, worth)  # the first point of a layer decides for it
         if not (layer_ok and worth and removed > 0):
-            self.stats.dedup_rows[(gemm, layer)] = [M, M]
+            self.stats.dedup_rows[key] = [M, M]
             return None
         if plan is None:
             plan = S.dedup_plan(m.root, removed)
-        self.stats.dedup_rows[(gemm, layer)] = [M - removed, M]
+        self.stats.dedup_rows[key] = [M - removed, M]
         return plan
 
     def prepare(self, x: torch.Tensor, layer: int, gemm: str):

@@ -168,34 +168,73 @@ class RowNeighbours:
 SAMPLE_ROWS = 512  # rows matched to estimate a GEMM input's duplicate fraction (`count_duplicates`)
 
 
-def row_neighbours(grid: torch.Tensor, alive: torch.Tensor, grids, *, frame_block: int, block: int,
-                   m_size: int = -1, mask_row_wrap: bool = False) -> RowNeighbours:
-    """`grid` (B, L): grid index of every current row (-1: text / filler); `alive` (B, L): unpruned grid tokens;
-    `grids[b]`: the `layout.Grid`s of sample b in grid-index order. One host sync (`P` and the tile test)."""
+@dataclasses.dataclass
+class GridGeometry:
+    """What the candidate tables of one prompt layout share whatever the kept set: per sample slot, the start,
+    height and width of the grid holding it (on the device), built once per layout and device."""
+
+    geo: torch.Tensor  # long (3, B, n_max + 1): grid start, height, width (the last column: a dummy slot)
+    n_max: int
+    n_grid: int
+    longest: int  # the longest possible chain of candidate links (pointer jumping rounds needed)
+
+    @classmethod
+    def of(cls, grids, frame_block: int, block: int, device) -> "GridGeometry":
+        sizes = [sum(g.size for g in row) for row in grids]
+        n_max = max(sizes, default=0)
+        W = n_max + 1
+        geo = torch.zeros(3, len(grids), W, dtype=torch.long)
+        geo[1:] = 1
+        offsets = neighbour_offsets(frame_block, block)
+        longest = 0
+        for b, row in enumerate(grids):
+            off = 0
+            for g in row:
+                geo[0, b, off:off + g.size] = off
+                geo[1, b, off:off + g.size] = g.height
+                geo[2, b, off:off + g.size] = g.width
+                step = min(dt * g.height * g.width + dh * g.width + dw for dt, dh, dw in offsets)
+                longest = max(longest, (g.size - 1) // step)  # chain edges go back >= `step` tokens
+                off += g.size
+        return cls(geo.to(device), n_max, sum(sizes), longest)
+
+
+@dataclasses.dataclass
+class RowCandidates:
+    """The candidate table of a kept set before its compaction: every row's candidates and the two counts the
+    compaction needs, still on the device (`counts`), so that their host read can share a synchronisation."""
+
+    cand: torch.Tensor  # long (M, K): flat row of each row's k-th candidate or -1
+    has: torch.Tensor  # bool (M,): rows with at least one candidate
+    counts: torch.Tensor  # long (2,) on the device: [rows with a candidate (P), most live tokens of a sample]
+    live: torch.Tensor
+    slot: torch.Tensor
+    base: torch.Tensor
+    n_slots: int
+    jumps: int
+    n_grid: int
+
+    def table(self, P: int, most: int, m_size: int) -> "RowNeighbours":
+        """The compacted table, given `counts` read on the host (no sync)."""
+        rows = _compact(self.has, torch.cumsum(self.has, 0) - 1, P)
+        sample = (torch.arange(SAMPLE_ROWS, device=rows.device) * P) // SAMPLE_ROWS if P > SAMPLE_ROWS else None
+        return RowNeighbours(rows, self.cand[rows], self.live, self.slot, self.base, self.n_slots, self.jumps,
+                             self.n_grid, m_size >= 0 and most > m_size, sample)
+
+
+def row_candidates(grid: torch.Tensor, alive: torch.Tensor, grids, *, frame_block: int, block: int,
+                   mask_row_wrap: bool = False, geometry: GridGeometry | None = None) -> RowCandidates:
+    """`row_neighbours` without its host sync (the compaction is `RowCandidates.table`)."""
     B, L = grid.shape
     dev = grid.device
-    sizes = [sum(g.size for g in row) for row in grids]
-    n_max = max(sizes, default=0)
-    W = n_max + 1  # the last column of every sample is a dummy slot
-    geo = torch.zeros(3, B, W, dtype=torch.long)  # grid start, height, width of the grid holding each token
-    geo[1:] = 1
+    geom = geometry if geometry is not None else GridGeometry.of(grids, frame_block, block, dev)
+    n_max, W = geom.n_max, geom.n_max + 1
     offsets = neighbour_offsets(frame_block, block)
-    longest = 0
-    for b, row in enumerate(grids):
-        off = 0
-        for g in row:
-            geo[0, b, off:off + g.size] = off
-            geo[1, b, off:off + g.size] = g.height
-            geo[2, b, off:off + g.size] = g.width
-            step = min(dt * g.height * g.width + dh * g.width + dw for dt, dh, dw in offsets)
-            longest = max(longest, (g.size - 1) // step)  # chain edges go back >= `step` tokens
-            off += g.size
-    geo = geo.to(dev)
-    g = torch.where(alive, grid, torch.full_like(grid, n_max))
-    start, h, w = (geo[i].gather(1, g) for i in range(3))
+    g = torch.where(alive, grid, n_max)
+    start, h, w = (geom.geo[i].gather(1, g) for i in range(3))
     local = g - start
     hw = h * w
-    t, r, c = local // hw, (local // w) % h, local % w
+    t, r, c = (local // hw, (local // w) % h, local % w) if mask_row_wrap else (None, None, None)
     flat = torch.arange(B * L, device=dev).view(B, L)
     row_of = torch.full((B, W), -1, dtype=torch.long, device=dev).scatter_(1, g, flat)
     row_of[:, n_max] = -1  # dummy slot (written by every text / pruned row)
@@ -206,17 +245,25 @@ def row_neighbours(grid: torch.Tensor, alive: torch.Tensor, grids, *, frame_bloc
         if mask_row_wrap:
             ok &= (c >= dw) & (r >= dh) & (t >= dt)
         cand = row_of.gather(1, (start + src).clamp(0, n_max))
-        cands.append(torch.where(ok, cand, torch.full_like(cand, -1)))
+        cands.append(torch.where(ok, cand, -1))
     cand = torch.stack(cands, -1).view(B * L, len(offsets))
     has = (cand >= 0).any(1)
     most = alive.sum(1).max() if B * L else torch.zeros((), dtype=torch.long, device=dev)
-    P, most = torch.stack([has.sum(), most]).tolist()  # the one host sync of a kept set
-    rows = _compact(has, torch.cumsum(has, 0) - 1, P)
-    slot = g + torch.arange(B, device=dev)[:, None] * W
-    base = start + torch.arange(B, device=dev)[:, None] * W
-    sample = (torch.arange(SAMPLE_ROWS, device=dev) * P) // SAMPLE_ROWS if P > SAMPLE_ROWS else None
-    return RowNeighbours(rows, cand[rows], alive.reshape(-1), slot.reshape(-1), base.reshape(-1), B * W,
-                         max(0, longest - 1).bit_length(), sum(sizes), m_size >= 0 and most > m_size, sample)
+    slot = g + torch.arange(0, B * W, W, device=dev)[:, None]
+    base = start + torch.arange(0, B * W, W, device=dev)[:, None]
+    return RowCandidates(cand, has, torch.stack([has.sum(), most]), alive.reshape(-1), slot.reshape(-1),
+                         base.reshape(-1), B * W, max(0, geom.longest - 1).bit_length(), geom.n_grid)
+
+
+def row_neighbours(grid: torch.Tensor, alive: torch.Tensor, grids, *, frame_block: int, block: int,
+                   m_size: int = -1, mask_row_wrap: bool = False,
+                   geometry: GridGeometry | None = None) -> RowNeighbours:
+    """`grid` (B, L): grid index of every current row (-1: text / filler); `alive` (B, L): unpruned grid tokens;
+    `grids[b]`: the `layout.Grid`s of sample b in grid-index order. One host sync (`P` and the tile test)."""
+    c = row_candidates(grid, alive, grids, frame_block=frame_block, block=block, mask_row_wrap=mask_row_wrap,
+                       geometry=geometry)
+    P, most = c.counts.tolist()  # the one host sync of a kept set
+    return c.table(P, most, m_size)
 
 
 @dataclasses.dataclass
@@ -233,50 +280,61 @@ class RowMatching:
 
 
 def _nonzero_rows(x2d: torch.Tensor) -> torch.Tensor:
-    """(M,) bool: rows that are not all-zero; = (x2d != 0).any(1), NaN included, without a temporary."""
-    return (x2d.amax(1) != 0) | (x2d.amin(1) != 0)
+    """(M,) bool: rows that are not all-zero; = (x2d != 0).any(1), NaN included, one read and no temporary."""
+    lo, hi = torch.aminmax(x2d, dim=1)
+    return (hi != 0) | (lo != 0)
 
 
-def _choose(x2d: torch.Tensor, nb: RowNeighbours, rows: torch.Tensor, cand: torch.Tensor, nonzero, *,
-            threshold: float, m_size: int) -> torch.Tensor:
+def _choose(x2d: torch.Tensor, nb, rows: torch.Tensor, cand: torch.Tensor, nonzero, *, threshold: float,
+            m_size: int, tiled: bool | None = None) -> torch.Tensor:
     """(len(rows),) long code of `rows` (their candidates `cand`): 0 unique, 1..K the chosen candidate.
-    `match_vectors(vector_size=0)`'s fp32 arithmetic per row, strict `>` threshold, first offset wins ties."""
+    `match_vectors(vector_size=0)`'s fp32 arithmetic per row, strict `>` threshold, first offset wins ties.
+    `nb`: a `RowNeighbours` or `RowCandidates` (its slots); `tiled` overrides `nb.tiled` (tile masking where it
+    cannot act changes nothing)."""
     P, C = rows.numel(), x2d.shape[1]
     dev = x2d.device
     ok = cand >= 0
-    if nb.tiled:  # tiles count the unpruned tokens that are not all-zero (as `match_vectors`)
+    safe = cand.clamp_min(0)
+    if nb.tiled if tiled is None else tiled:  # tiles count the unpruned tokens that are not all-zero
         per_slot = torch.zeros(nb.n_slots, dtype=torch.long, device=dev)
         per_slot[nb.slot] = (nb.live & nonzero).long()  # dummy slots only receive zeros (pruned / text rows)
         before = torch.cumsum(per_slot, 0) - per_slot
         tile = (before[nb.slot] - before[nb.base]) // m_size
-        ok &= tile[cand.clamp_min(0)] == tile[rows, None]
+        ok &= tile[safe] == tile[rows, None]
     v = x2d.index_select(0, rows).float().view(P, 1, C)
     norm = v.norm(dim=-1)  # (P, 1)
-    best = torch.zeros(P, 1, device=dev)
-    choice = torch.zeros(P, 1, dtype=torch.long, device=dev)
+    best = choice = None  # both start at 0: "better" is a cosine > 0 first
     for k in range(cand.shape[1]):
-        c = x2d.index_select(0, cand[:, k].clamp_min(0)).float().view(P, 1, C)
+        c = x2d.index_select(0, safe[:, k]).float().view(P, 1, C)
         cnorm = c.norm(dim=-1)
         dot = (v * c).sum(-1)
         denom = norm * cnorm
-        cos = torch.where((denom > 0) & ok[:, k:k + 1], (dot / denom.clamp_min(1e-30)).clamp_max(1.0),
-                          torch.zeros_like(dot))
-        better = cos > best
-        best = torch.where(better, cos, best)
-        choice = torch.where(better, torch.full_like(choice, k + 1), choice)
-    return torch.where((best > threshold) & (norm > 0), choice, torch.zeros_like(choice))[:, 0]
+        cos = torch.where((denom > 0) & ok[:, k:k + 1], (dot / denom.clamp_min(1e-30)).clamp_max(1.0), 0.0)
+        if best is None:
+            better = cos > 0
+            best, choice = torch.where(better, cos, 0.0), better.long()
+        else:
+            better = cos > best
+            best = torch.where(better, cos, best)
+            choice = torch.where(better, k + 1, choice)
+    if best is None:
+        return torch.zeros(P, dtype=torch.long, device=dev)
+    return torch.where((best > threshold) & (norm > 0), choice, 0)[:, 0]
 
 
-def match_rows(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size: int = -1) -> RowMatching:
+def match_rows(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size: int = -1,
+               code: torch.Tensor | None = None, nonzero: torch.Tensor | None = None) -> RowMatching:
     """`match_vectors(vector_size=0)` + `roots_from_codes` restricted to the rows that have a candidate: the same
     fp32 cosines (same arithmetic per row), strict `>` threshold, first offset wins ties, tile masking, pointer
-    jumping with a fixed round count (no host sync)."""
+    jumping with a fixed round count (no host sync). `code` (and `nonzero`): the rows' codes when already chosen
+    (`sample_duplicates` on a table it covered), only the roots are then computed."""
     M = x2d.shape[0]
-    nonzero = _nonzero_rows(x2d)
-    code = _choose(x2d, nb, nb.rows, nb.cand, nonzero, threshold=threshold, m_size=m_size)
-    ptr = torch.arange(M, device=x2d.device)
+    if nonzero is None:
+        nonzero = _nonzero_rows(x2d)
+    if code is None:
+        code = _choose(x2d, nb, nb.rows, nb.cand, nonzero, threshold=threshold, m_size=m_size)
     target = nb.cand.gather(1, (code - 1).clamp_min(0)[:, None])[:, 0]
-    ptr = ptr.index_copy(0, nb.rows, torch.where(code > 0, target, nb.rows))
+    ptr = torch.arange(M, device=x2d.device).index_copy_(0, nb.rows, torch.where(code > 0, target, nb.rows))
     for _ in range(nb.jumps):
         ptr = ptr[ptr]
     return RowMatching(code, ptr, nonzero)
@@ -294,6 +352,26 @@ def count_duplicates(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, 
     code = _choose(x2d, nb, rows, cand, _nonzero_rows(x2d) if nb.tiled else None, threshold=threshold,
                    m_size=m_size)
     return (code > 0).sum(), rows.numel(), False
+
+
+def sample_duplicates(x2d: torch.Tensor, c: RowCandidates, *, threshold: float, m_size: int = -1):
+    """`count_duplicates` on a table not compacted yet (P still on the device): the same `SAMPLE_ROWS` rows
+    (positions i * P // SAMPLE_ROWS among the rows with a candidate; every one of them when P <= SAMPLE_ROWS),
+    found with `searchsorted` instead of the compaction. No host sync. Returns (0-dim count, codes
+    (SAMPLE_ROWS,): their first min(P, SAMPLE_ROWS) are the codes `match_rows` gives those rows, the rest 0,
+    nonzero rows or None)."""
+    dev = x2d.device
+    S, M = SAMPLE_ROWS, x2d.shape[0]
+    P = c.counts[0]
+    j = torch.arange(S, device=dev)
+    pos = torch.where(P > S, (j * P) // S, j)  # position among the rows with a candidate
+    valid = pos < P
+    rows = torch.searchsorted(torch.cumsum(c.has, 0), pos + 1).clamp_max(M - 1)
+    cand = torch.where(valid[:, None], c.cand.index_select(0, rows), -1)
+    tiled = m_size >= 0  # `most` is not known yet: masking where it cannot act changes nothing
+    nonzero = _nonzero_rows(x2d) if tiled else None
+    code = _choose(x2d, c, rows, cand, nonzero, threshold=threshold, m_size=m_size, tiled=tiled)
+    return (code > 0).sum(), code, nonzero
 
 
 @dataclasses.dataclass
@@ -314,21 +392,24 @@ def _compact(mask: torch.Tensor, rank: torch.Tensor, n: int) -> torch.Tensor:
     """Indices of the `n` True entries of `mask` (ascending), `rank` = their position; no host sync."""
     out = torch.empty(n + 1, dtype=torch.long, device=mask.device)
     idx = torch.arange(mask.numel(), device=mask.device)
-    return out.scatter_(0, torch.where(mask, rank, torch.full_like(rank, n)), idx)[:n]
+    return out.scatter_(0, torch.where(mask, rank, n), idx)[:n]
 
 
 def dedup_plan(root: torch.Tensor, removed: int | None = None) -> DedupPlan:
     """From per-row roots (a root points at itself) build the gather/scatter plan. Pass `removed` (rows that are
-    not roots) when already known to avoid the host sync that counting it costs."""
+    not roots) when already known to avoid the host sync that counting it costs. One scatter orders the rows:
+    the roots (ascending), then the others (ascending)."""
     M = root.numel()
-    is_root = root == torch.arange(M, device=root.device)
+    ar = torch.arange(M, device=root.device)
+    is_root = root == ar
     if removed is None:
         removed = M - int(is_root.sum())
+    U = M - removed
     rank = torch.cumsum(is_root, 0) - 1  # position among the roots (valid at roots)
-    dup_rank = torch.arange(M, device=root.device) - rank - 1  # position among the others (valid there)
-    unique = _compact(is_root, rank, M - removed)
-    dups = _compact(~is_root, dup_rank, removed)
-    return DedupPlan(unique, rank[root], root, dups)
+    # a root goes to its rank, another row to U + its position among the others (i - rank - 1)
+    order = torch.empty(M, dtype=torch.long, device=root.device).scatter_(
+        0, torch.where(is_root, rank, ar + (U - 1) - rank), ar)
+    return DedupPlan(order[:U], rank[root], root, order[U:])
 
 
 def group_means_rows(x2d: torch.Tensor, plan: DedupPlan) -> torch.Tensor:
@@ -353,9 +434,10 @@ def group_means_rows(x2d: torch.Tensor, plan: DedupPlan) -> torch.Tensor:
     slot = first[gpos]  # each group accumulates in the slot of its first member
     sums = x2d.index_select(0, plan.root[dups]).float()  # every slot starts from its root (= 0 + root)
     sums.index_add_(0, slot, x2d.index_select(0, dups).float())
-    counts = (torch.bincount(slot, minlength=D) + 1).to(torch.float32)
+    # members per slot + the root (no bincount: on CUDA it reads its input's maximum on the host)
+    counts = torch.ones(D, device=dev).index_add_(0, slot, torch.ones(D, device=dev))
     mean = (sums / counts[:, None]).to(x2d.dtype)
-    means.index_copy_(0, torch.where(slot == ar, gpos, torch.full_like(gpos, U)), mean)
+    means.index_copy_(0, torch.where(slot == ar, gpos, U), mean)
     return means[:U]
 
 
