@@ -45,6 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20000, help="cosine schedule length (or --max-minutes, if sooner)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3, help="vision tower + projector")
+    p.add_argument("--vision-layers", type=int, default=shapes_vlm.VISION_CONFIG["num_hidden_layers"],
+                   help="transformer layers of the vision tower")
+    p.add_argument("--vision-feature-layer", type=int, default=-1,
+                   help="hidden state of the tower fed to the projector (-1: last; 0: patch embeddings, i.e. "
+                        "image tokens that each see only their own patch)")
     p.add_argument("--lora-rank", type=int, default=16, help="0: backbone frozen, no LoRA")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale = alpha / rank")
     p.add_argument("--lora-lr", type=float, default=5e-4)
@@ -69,21 +74,26 @@ def parse_args(argv=None):
     for name in ("steps", "batch_size", "eval_samples", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.vision_layers < 1:
+        p.error("--vision-layers must be >= 1")
     if args.lora_rank < 0:
         p.error("--lora-rank must be >= 0")
     return args
 
 
-def build(backbone: str, seed: int):
+def build(backbone: str, seed: int, vision_layers: int = shapes_vlm.VISION_CONFIG["num_hidden_layers"],
+          vision_feature_layer: int = -1):
+    tower = dict(vision_config=dict(shapes_vlm.VISION_CONFIG, num_hidden_layers=vision_layers),
+                 vision_feature_layer=vision_feature_layer, seed=seed)
     if backbone == "tiny":
         from mllm_efficiency.testing import tiny_llama_lm
 
         lm, tok = tiny_llama_lm(num_layers=2), char_tokenizer()
-        return shapes_vlm.assemble(lm, tok, image_token="<image>", seed=seed)
+        return shapes_vlm.assemble(lm, tok, image_token="<image>", **tower)
     from mllm_efficiency.zoo import load_model
 
     lm, tok = load_model(backbone, dtype="float32", device="cpu")
-    return shapes_vlm.assemble(lm, tok, seed=seed)
+    return shapes_vlm.assemble(lm, tok, **tower)
 
 
 class LoRA(torch.nn.Module):
@@ -209,7 +219,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     t0 = time.time()
-    model, processor = build(args.backbone, args.seed)
+    model, processor = build(args.backbone, args.seed, args.vision_layers, args.vision_feature_layer)
     tok = processor.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -262,7 +272,8 @@ def main(argv=None) -> int:
     def save(final_acc=None, steps=0, seconds=0.0, factors=None):
         info = {"command": "python scripts/train_tiny_vlm.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 "seed": args.seed, "backbone": args.backbone, "steps": steps, "batch_size": args.batch_size,
-                "lr": args.lr, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_lr": args.lora_lr,
+                "lr": args.lr, "vision_layers": args.vision_layers, "lora_rank": args.lora_rank,
+                "lora_alpha": args.lora_alpha, "lora_lr": args.lora_lr,
                 "lora_targets": args.lora_targets if args.lora_rank else "", "init": args.init,
                 "train_seconds": round(seconds, 1), "device": str(device), "complete": final_acc is not None,
                 "heldout_accuracy": final_acc, "heldout_samples": args.eval_samples, "torch": torch.__version__,

@@ -147,3 +147,38 @@ def test_training_batches_mix_every_question_type(train_script, workers):
             assert all(types.count(t) == block // 4 for t in synthetic.QUESTION_TYPES)
     everything = sorted(i for v in taken.values() for i in v)
     assert everything == list(range(3 * block * workers))
+
+
+def test_local_image_tokens_option_is_saved_and_checked(train_script, tmp_path):
+    assert train_script.main(["--smoke", "--backbone", "tiny", "--steps", "2", "--lora-rank", "0", "--eval-samples",
+                              "2", "--vision-layers", "1", "--vision-feature-layer", "0", "--out", str(tmp_path)]) == 0
+    import json
+
+    info = json.loads((tmp_path / shapes_vlm.INFO_FILE).read_text())
+    assert info["vision_feature_layer"] == -2 and info["vision_config"]["num_hidden_layers"] == 1  # 0, as negative
+    from mllm_efficiency.testing import tiny_llama_lm
+
+    with pytest.raises(ConfigError, match="vision_feature_layer must be an integer in \\[-2, 1\\]"):
+        shapes_vlm.assemble(tiny_llama_lm(num_layers=2), char_tokenizer(), image_token="<image>",
+                            vision_config=dict(shapes_vlm.VISION_CONFIG, num_hidden_layers=1), vision_feature_layer=2)
+
+
+def test_feature_layer_0_gives_one_token_per_patch_content():
+    """With the patch embeddings as features, changing one patch changes only that image token."""
+    from mllm_efficiency.testing import tiny_llama_lm
+
+    tower = dict(shapes_vlm.VISION_CONFIG, num_hidden_layers=2)
+    model, _ = shapes_vlm.assemble(tiny_llama_lm(num_layers=2), char_tokenizer(), image_token="<image>",
+                                   vision_config=tower, vision_feature_layer=0)
+    size, patch = tower["image_size"], tower["patch_size"]
+    pixels = torch.randn(1, 3, size, size)
+    changed = pixels.clone()
+    changed[..., patch:2 * patch, 2 * patch:3 * patch] += 1.0  # patch (row 1, col 2)
+    with torch.no_grad():
+        a, b = (model.model.get_image_features(pixel_values=x, vision_feature_layer=model.config.vision_feature_layer,
+                                               vision_feature_select_strategy="default") for x in (pixels, changed))
+    a, b = (t.pooler_output if hasattr(t, "pooler_output") else t for t in (a, b))
+    a, b = (torch.cat(list(t), 0) if isinstance(t, (list, tuple)) else t.reshape(-1, t.shape[-1]) for t in (a, b))
+    differs = (a - b).abs().amax(-1) > 1e-6
+    grid = size // patch
+    assert differs.tolist() == [i == 1 * grid + 2 for i in range(grid * grid)]

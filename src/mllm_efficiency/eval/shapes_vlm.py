@@ -42,20 +42,28 @@ def tokens_per_image(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE)
 
 
 def llava_config(text_config: Any, image_token_id: int, vision_config: dict | None = None,
-                 attn_implementation: str = "sdpa"):
+                 attn_implementation: str = "sdpa", vision_feature_layer: int = -1):
     from transformers import LlavaConfig
 
     vision = dict(VISION_CONFIG if vision_config is None else vision_config)
     n = (vision["image_size"] // vision["patch_size"]) ** 2
+    layers = vision.get("num_hidden_layers", VISION_CONFIG["num_hidden_layers"])
+    if not isinstance(vision_feature_layer, int) or not -(layers + 1) <= vision_feature_layer <= layers:
+        raise ConfigError(f"vision_feature_layer must be an integer in [{-(layers + 1)}, {layers}] (hidden states "
+                          f"of a {layers}-layer tower; 0 = the patch embeddings), got {vision_feature_layer!r}")
+    if vision_feature_layer >= 0:  # stored negative: transformers reads a layer index of 0 as "no hidden states"
+        vision_feature_layer -= layers + 1
     text = text_config.to_dict() if hasattr(text_config, "to_dict") else dict(text_config)
     return LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token_id,
-                       vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=n,
+                       vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
+                       image_seq_length=n,
                        projector_hidden_act="gelu", tie_word_embeddings=text.get("tie_word_embeddings", False),
                        attn_implementation=attn_implementation)
 
 
 def assemble(lm, tokenizer, *, vision_config: dict | None = None, image_token: str = IMAGE_TOKEN,
-             trained: dict[str, torch.Tensor] | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
+             trained: dict[str, torch.Tensor] | None = None, seed: int = 0, attn_implementation: str = "sdpa",
+             vision_feature_layer: int = -1):
     """LLaVA from a causal LM (its weights copied, plus the LoRA updates in `trained` if any) + a vision tower /
     projector (`trained`, or random with `seed`). Returns (model, processor)."""
     from transformers import LlavaForConditionalGeneration
@@ -63,7 +71,7 @@ def assemble(lm, tokenizer, *, vision_config: dict | None = None, image_token: s
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
         raise ConfigError(f"image_token {image_token!r} is not a token of the backbone's tokenizer")
-    cfg = llava_config(lm.config, image_token_id, vision_config, attn_implementation)
+    cfg = llava_config(lm.config, image_token_id, vision_config, attn_implementation, vision_feature_layer)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
@@ -147,7 +155,8 @@ def save_trained_parts(model, out_dir: str | Path, info: dict | None = None, dty
         state[path + LORA_A], state[path + LORA_B] = a, b
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    meta = {"vision_config": model.config.vision_config.to_dict(), **(info or {})}
+    meta = {"vision_config": model.config.vision_config.to_dict(),
+            "vision_feature_layer": model.config.vision_feature_layer, **(info or {})}
     (out / INFO_FILE).write_text(json.dumps(meta, indent=1, default=str))
     return out / WEIGHTS_FILE
 
@@ -167,12 +176,13 @@ def load_shapes_vlm(weights_dir: str | Path | None = None, *, backbone: str = BA
 
     weights_dir = Path(weights_dir) if weights_dir is not None else ASSETS_DIR
     lm, tok = load_model(backbone, dtype=dtype, device="cpu", attn_implementation=attn_implementation)
-    trained, vision_config = None, None
+    trained, vision_config, feature_layer = None, None, -1
     if has_trained_weights(weights_dir):
         trained = load_file(str(weights_dir / WEIGHTS_FILE))
         info_path = weights_dir / INFO_FILE
         if info_path.is_file():
-            vc = json.loads(info_path.read_text()).get("vision_config")
+            info = json.loads(info_path.read_text())
+            vc, feature_layer = info.get("vision_config"), info.get("vision_feature_layer", -1)
             if vc:
                 vision_config = {k: vc[k] for k in VISION_CONFIG if k in vc}
     elif not allow_untrained:
@@ -182,6 +192,7 @@ def load_shapes_vlm(weights_dir: str | Path | None = None, *, backbone: str = BA
         warnings.warn(f"{ALIAS}: no trained vision weights at {weights_dir}; using an UNTRAINED random vision "
                       "tower (scores are chance level)", stacklevel=2)
     model, processor = assemble(lm, tok, vision_config=vision_config, trained=trained,
+                                vision_feature_layer=feature_layer,
                                 attn_implementation=attn_implementation)
     del lm
     if device is not None:
