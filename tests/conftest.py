@@ -168,3 +168,19 @@ def _no_leaked_hooks(request):
 
 
 __all__ = ["IMAGE_TOKEN", "keep_rule", "cache_of", "pad_left", "greedy", "apply_quiet", "text_impl"]
+
+
+@pytest.fixture(scope="module")
+def ov():
+    """Tiny LLaVA-OneVision (4 layers) for the video tests; one per test module."""
+    from mllm_efficiency.testing import tiny
+
+    return tiny.tiny_llava_onevision(num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def ov_prompt(ov):
+    """An 8-frame video prompt for `ov`."""
+    from mllm_efficiency.testing import tiny
+
+    return tiny.onevision_video_prompt(ov, frames=8)

@@ -15,20 +15,9 @@ from torch.overrides import TorchFunctionMode
 
 import mllm_efficiency as me
 from mllm_efficiency.pruning.scoring import ROW_CHUNK, key_scores
-from mllm_efficiency.testing import tiny
 from mllm_efficiency.video.focus import _Compaction, text_row_max_scores
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ov():
-    return tiny.tiny_llava_onevision(num_layers=4)
-
-
-@pytest.fixture(scope="module")
-def ov_prompt(ov):
-    return tiny.onevision_video_prompt(ov, frames=8)
 
 
 def _logits(model, p):

@@ -19,16 +19,6 @@ from mllm_efficiency.video.tracegen import qwen_video_prompt
 
 
 @pytest.fixture(scope="module")
-def ov():
-    return tiny.tiny_llava_onevision(num_layers=4)
-
-
-@pytest.fixture(scope="module")
-def ov_prompt(ov):
-    return tiny.onevision_video_prompt(ov, frames=8)
-
-
-@pytest.fixture(scope="module")
 def qwen():
     return tiny.tiny_qwen2_5_vl(num_layers=4)
 
