@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mllm_efficiency.eval.data_parallel import default_state, run_data_parallel, shard_indices
+from mllm_efficiency.eval.data_parallel import default_state, finish, run_data_parallel, shard_indices
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -34,6 +34,7 @@ def test_single_process_keeps_order_and_batches():
     assert calls == [prompts[0:4], prompts[4:8], prompts[8:11]]  # consecutive batches of <= 4, in order
     assert shard_indices(len(prompts)) == list(range(11))
     assert run_data_parallel([], generate_fn, batch_size=4) == []
+    finish(state)  # no process group in a single process: nothing to tear down, no error
 
 
 def test_single_process_checks_generate_fn():
@@ -47,7 +48,7 @@ WORKER = """
 import json, os, sys
 sys.path.insert(0, {src!r})
 from accelerate import PartialState
-from mllm_efficiency.eval.data_parallel import run_data_parallel
+from mllm_efficiency.eval.data_parallel import finish, run_data_parallel
 
 state = PartialState(cpu=True)
 prompts = list(range(13))  # odd count: rank 0 gets 7, rank 1 gets 6
@@ -60,6 +61,7 @@ def generate_fn(batch):
 results = run_data_parallel(prompts, generate_fn, batch_size=3, state=state)
 with open(os.path.join({out!r}, f"rank{{state.process_index}}.json"), "w") as f:
     json.dump(dict(num_processes=state.num_processes, seen=seen, results=results), f)
+finish(state)
 """
 
 

@@ -100,7 +100,7 @@ def worker(args) -> int:
     import mllm_efficiency as me
     from mllm_efficiency.bench.presets import build_preset
     from mllm_efficiency.bench.timing import environment_info
-    from mllm_efficiency.eval.data_parallel import run_data_parallel, shard_indices
+    from mllm_efficiency.eval.data_parallel import finish, run_data_parallel, shard_indices
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
@@ -179,6 +179,7 @@ def worker(args) -> int:
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1))
+    finish(state)
     return 0
 
 

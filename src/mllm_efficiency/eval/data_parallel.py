@@ -11,6 +11,7 @@ results come back to every process in the original prompt order::
     results = run_data_parallel(prompts, lambda batch: my_generate(model, batch), batch_size=8, state=state)
     if state.is_main_process:
         write(results)                       # len(results) == len(prompts), results[i] belongs to prompts[i]
+    finish(state)                            # wait for every process, then tear the process group down
 
 Launch with ``accelerate launch --num_processes N script.py`` (``--multi_gpu`` for N > 1), or run the script with
 plain ``python`` for one process: `accelerate.PartialState` then reports a single, non-distributed process and
@@ -27,7 +28,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["default_state", "shard_indices", "run_data_parallel"]
+__all__ = ["default_state", "shard_indices", "run_data_parallel", "finish"]
 
 
 def default_state():
@@ -86,3 +87,16 @@ def run_data_parallel(prompts: Sequence[Any], generate_fn: Callable[[list], Sequ
         raise RuntimeError(f"gathered {len(pairs)} results for {len(prompts)} prompts (processes disagree on the "
                            "prompt list?)")
     return [r for _, r in pairs]
+
+
+def finish(state=None) -> None:
+    """End of a data-parallel script: every process waits for the others, then the process group is destroyed.
+    Left to interpreter exit, the gloo group's teardown can abort a process ("terminate called without an active
+    exception", SIGABRT) after all its work is done. No-op in a single, non-distributed process."""
+    import torch.distributed as dist
+
+    state = default_state() if state is None else state
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
