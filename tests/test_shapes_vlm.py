@@ -2,8 +2,6 @@
 bad factors are rejected, and the training script's fast encoding equals the processor's."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,16 +11,12 @@ from mllm_efficiency.eval import shapes_vlm, synthetic
 from mllm_efficiency.eval.local_processor import char_tokenizer
 from mllm_efficiency.eval.shapes_eval import prompt_of
 from mllm_efficiency.zoo import is_installed
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def train_script():
-    spec = importlib.util.spec_from_file_location("train_tiny_vlm", ROOT / "scripts" / "train_tiny_vlm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/train_tiny_vlm.py")
 
 
 def tiny_vlm(seed=0):

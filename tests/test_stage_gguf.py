@@ -1,20 +1,14 @@
 """scripts/stage_gguf.py: pieces reassemble to the original bytes and the append script checks the digest."""
 import hashlib
-import importlib.util
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "stage_gguf.py"
+from conftest import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("stage_gguf", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/stage_gguf.py")
 
 
 def test_pieces_reassemble_and_digest_is_checked(tmp_path):

@@ -3,9 +3,7 @@ synchronisations, and the video benchmark's FLOPs-matched Focus arms."""
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
-import sys
 import traceback
 from pathlib import Path
 
@@ -16,8 +14,7 @@ from torch.overrides import TorchFunctionMode
 import mllm_efficiency as me
 from mllm_efficiency.pruning.scoring import ROW_CHUNK, key_scores
 from mllm_efficiency.video.focus import _Compaction, text_row_max_scores
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 def _logits(model, p):
@@ -159,11 +156,7 @@ def test_token_dedup_host_syncs_and_ops(ov, ov_prompt):
 
 # ----------------------------------------------------------------------------- benchmark
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_video", ROOT / "benchmarks" / "video" / "bench_video.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_video"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/video/bench_video.py")
 
 
 def test_focus_schedule_and_alpha_matching():
