@@ -2,7 +2,6 @@
 bad factors are rejected, and the training script's fast encoding equals the processor's."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -10,8 +9,8 @@ from mllm_efficiency.errors import ConfigError
 from mllm_efficiency.eval import shapes_vlm, synthetic
 from mllm_efficiency.eval.local_processor import char_tokenizer
 from mllm_efficiency.eval.shapes_eval import prompt_of
-from mllm_efficiency.zoo import is_installed
 from conftest import load_script
+from mllm_efficiency.zoo import is_installed
 
 
 @pytest.fixture(scope="module")

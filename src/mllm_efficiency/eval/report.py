@@ -36,8 +36,9 @@ def _method_label(args: dict) -> str:
 def collect(results_dir: str | Path) -> list[dict]:
     """One row per (task, model, method, ratio) from lmms-eval's result files under `results_dir`; a run repeated
     into the same output folder keeps only its newest result (lmms-eval's file names start with the time)."""
-    rows = []
-    for path in sorted(Path(results_dir).rglob("*results*.json")):
+    runs: dict[tuple, dict] = {}
+    # oldest first, so a run's newer result replaces its older one below
+    for path in sorted(Path(results_dir).rglob("*results*.json"), key=lambda p: (p.name, p.stat().st_mtime)):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -62,18 +63,13 @@ def collect(results_dir: str | Path) -> list[dict]:
             metric, score = metrics[0]
             n = data.get("n-samples", {}).get(task, {}).get("effective")
             kv = eff.get("mean_kv_bytes")
-            rows.append({"task": task, "model": Path(args.get("pretrained", "?").rstrip("/")).name,
-                         "method": _method_label(args), "ratio": ratio, "kept": 1 - ratio, "metric": metric,
-                         "score": float(score), "n": n, "prefill_ms": eff.get("mean_prefill_ms"),
-                         "kept_tokens": eff.get("mean_kept_tokens"), "kv_kib": kv / 1024 if kv else None,
-                         "tflops": eff.get("mean_prefill_tflops"), "source": str(path),
-                         "_newest": (path.name, path.stat().st_mtime)})
-    newest: dict[tuple, dict] = {}
-    for row in rows:
-        key = (row["task"], row["model"], row["method"], row["ratio"])
-        if key not in newest or row["_newest"] > newest[key]["_newest"]:
-            newest[key] = row
-    rows = [{k: v for k, v in r.items() if k != "_newest"} for r in newest.values()]
+            row = {"task": task, "model": Path(args.get("pretrained", "?").rstrip("/")).name,
+                   "method": _method_label(args), "ratio": ratio, "kept": 1 - ratio, "metric": metric,
+                   "score": float(score), "n": n, "prefill_ms": eff.get("mean_prefill_ms"),
+                   "kept_tokens": eff.get("mean_kept_tokens"), "kv_kib": kv / 1024 if kv else None,
+                   "tflops": eff.get("mean_prefill_tflops"), "source": str(path)}
+            runs[(row["task"], row["model"], row["method"], row["ratio"])] = row
+    rows = list(runs.values())
     rows.sort(key=lambda r: (r["task"], r["model"], r["method"], r["ratio"]))
     return rows
 
