@@ -48,6 +48,12 @@ def check_unit_fraction(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
 
 
+def check_similarity(name: str, value: Any, kind: str = "cosine") -> None:
+    """A similarity threshold in [-1, 1]; `kind` names the measure in the message (cosine, sign similarity)."""
+    if not is_number(value) or not (-1.0 <= float(value) <= 1.0):
+        raise ConfigError(f"{name} must be a {kind} in [-1, 1], got {value!r}")
+
+
 def check_ratio(name: str, value: float) -> None:
     if not is_number(value) or not (0.0 <= float(value) < 1.0):
         raise ConfigError(f"{name} must be a fraction removed in [0, 1), got {value!r}")

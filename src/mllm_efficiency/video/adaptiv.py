@@ -9,8 +9,7 @@ import dataclasses
 
 import torch
 
-from ..config import MethodConfig, check_int, is_number
-from ..errors import ConfigError
+from ..config import MethodConfig, check_int, check_similarity
 from ..pruning.engine import PruningEngine
 from ..registry import register_method
 from .common import DelegateStep, PromptLayout, current_visual
@@ -23,9 +22,7 @@ class AdapTiVConfig(MethodConfig):
     allow_text_only: bool = False
 
     def validate(self) -> None:
-        t = self.threshold
-        if not is_number(t) or not (-1.0 <= float(t) <= 1.0):
-            raise ConfigError(f"threshold must be a sign similarity in [-1, 1], got {t!r}")
+        check_similarity("threshold", self.threshold, "sign similarity")
         if self.frames is not None:
             check_int("frames", self.frames, 1)
 

@@ -34,7 +34,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..config import MethodConfig, check_choice, check_int, check_unit_fraction, is_number
+from ..config import MethodConfig, check_choice, check_int, check_similarity, check_unit_fraction, is_number
 from ..errors import ConfigError
 from ..pruning.engine import PruningEngine
 from ..pruning import scoring
@@ -80,9 +80,7 @@ class FocusConfig(MethodConfig):
             raise ConfigError(f"selected_layers must be strictly increasing, got {list(self.selected_layers)}")
         for i, a in enumerate(self.alpha_list):
             check_unit_fraction(f"alpha_list[{i}]", a)
-        t = self.similarity_threshold
-        if not is_number(t) or not (-1.0 <= float(t) <= 1.0):
-            raise ConfigError(f"similarity_threshold must be a cosine in [-1, 1], got {t!r}")
+        check_similarity("similarity_threshold", self.similarity_threshold)
         if self.vector_size is not None:
             check_int("vector_size", self.vector_size, 0)
         if self.block_size is not None:

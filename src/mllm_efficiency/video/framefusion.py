@@ -13,8 +13,7 @@ import math
 
 import torch
 
-from ..config import MethodConfig, check_int, check_unit_fraction, is_number
-from ..errors import ConfigError
+from ..config import MethodConfig, check_int, check_similarity, check_unit_fraction
 from ..pruning.engine import PruningEngine
 from ..pruning.scoring import key_scores
 from ..registry import register_method
@@ -47,9 +46,7 @@ class FrameFusionConfig(MethodConfig):
     def validate(self) -> None:
         for name in ("cost", "ratio_lower_bound"):
             check_unit_fraction(name, getattr(self, name))
-        v = self.similarity_lower_bound
-        if not is_number(v) or not (-1.0 <= float(v) <= 1.0):
-            raise ConfigError(f"similarity_lower_bound must be a cosine in [-1, 1], got {v!r}")
+        check_similarity("similarity_lower_bound", self.similarity_lower_bound)
         if self.frames is not None:
             check_int("frames", self.frames, 1)
 
