@@ -447,3 +447,94 @@ def dedup_linear(linear: torch.nn.Module, x2d: torch.Tensor, plan: DedupPlan,
     `means` = `group_means_rows(x2d, plan)` when already computed (linear layers sharing one input)."""
     y = linear(group_means_rows(x2d, plan) if means is None else means)
     return y.index_select(0, plan.expand)
+
+
+# ----------------------------------------------------------------------------- lean path (no host sync)
+@dataclasses.dataclass
+class LeanTable:
+    """Candidates of every row of a flattened (M, K) GEMM input under one kept set, for `lean_roots`: built once
+    per kept set with no host sync (no compaction: every row is matched, text and pruned rows have no candidate).
+
+    M-tile masking is folded into `cand` assuming that no live row is all-zero (tiles count the live rows that
+    are not all-zero); `lean_roots` counts the live all-zero rows, and a point where the assumption fails is
+    redone (`tiled`). With one candidate per row (the default temporal-only matching), a row without a candidate
+    points at itself (it is then its own root whatever its cosine)."""
+
+    cand: torch.Tensor  # long (M, K): candidate rows (-1: none; K == 1: the row itself)
+    zero_bound: torch.Tensor  # fp32 (M,): norm < bound <=> a live all-zero row (bound 0 for other rows)
+    ones: torch.Tensor  # fp32 (M,): the group-size increments of `lean_plan`
+    n_live: torch.Tensor  # 0-dim long on the device: live rows
+    source: RowCandidates  # the uncompacted table (the stage's sampled estimate reads it)
+    jumps: int
+    n_grid: int
+    tiled: bool  # tile masking assumed that no live row is all-zero
+
+
+def lean_table(c: RowCandidates, m_size: int = -1) -> LeanTable:
+    M, K = c.cand.shape
+    dev = c.cand.device
+    ar = torch.arange(M, device=dev)
+    ok = c.cand >= 0
+    if m_size >= 0:
+        per_slot = torch.zeros(c.n_slots, dtype=torch.long, device=dev)
+        per_slot[c.slot] = c.live.long()
+        before = torch.cumsum(per_slot, 0) - per_slot
+        tile = (before[c.slot] - before[c.base]) // m_size
+        ok &= tile[c.cand.clamp_min(0)] == tile[:, None]
+    cand = torch.where(ok, c.cand, ar[:, None] if K == 1 else -1)
+    # the smallest positive fp32 (a subnormal): a norm below it is 0
+    bound = torch.where(c.live, torch.tensor(1.4e-45, device=dev), torch.tensor(0.0, device=dev))
+    return LeanTable(cand, bound, torch.ones(M, device=dev), c.live.sum(), c, c.jumps, c.n_grid, m_size >= 0)
+
+
+def lean_roots(x2d: torch.Tensor, t: LeanTable, *, threshold: float):
+    """(root row of every row, 0-dim count of live all-zero rows, fp32 rows): `match_rows`'s whole-token
+    matching (same fp32 cosines, strict `>` threshold, first candidate wins ties) with a fixed number of pointer
+    jumps and no host sync. One candidate per row takes a short path of about a dozen ops."""
+    M, C = x2d.shape
+    xf = x2d.float()
+    ar = torch.arange(M, device=x2d.device)
+    v = xf.view(M, 1, C)
+    norm = v.norm(dim=-1)[:, 0]
+    if t.cand.shape[1] == 1:
+        cand = t.cand[:, 0]
+        c = xf.index_select(0, cand).view(M, 1, C)
+        dot = (v * c).sum(-1)[:, 0]
+        denom = norm * norm.index_select(0, cand)
+        # = (min(cos, 1) > threshold) & (cos > 0) of `_choose` when threshold < 1 (the caller skips 1)
+        similar = (denom > 0) & (dot / denom.clamp_min(1e-30) > max(threshold, 0.0))
+        ptr = torch.where(similar, cand, ar)
+    else:
+        code = _choose(x2d, t, ar, t.cand, None, threshold=threshold, m_size=-1, tiled=False)
+        target = t.cand.gather(1, (code - 1).clamp_min(0)[:, None])[:, 0]
+        ptr = torch.where(code > 0, target, ar)
+    for _ in range(t.jumps):
+        ptr = ptr[ptr]
+    return ptr, (norm < t.zero_bound).sum(), xf
+
+
+@dataclasses.dataclass
+class LeanPlan:
+    """A deduplicated GEMM input with a fixed capacity: `means` (cap, K) holds the group means of the roots in
+    row order (slots past the group count are zero rows), `expand` maps every row to its slot. `groups` (0-dim,
+    on the device) is the group count: the plan is valid when groups <= cap, checked once per prefill."""
+
+    means: torch.Tensor
+    expand: torch.Tensor
+    groups: torch.Tensor
+    cap: int
+
+
+def lean_plan(x2d: torch.Tensor, root: torch.Tensor, cap: int, ones: torch.Tensor,
+              xf: torch.Tensor | None = None) -> LeanPlan:
+    """Group means of the roots in row order (fp32 accumulation in row order, as `group_mean`) in `cap` slots,
+    with no host sync; groups past `cap` (an overflow) land in the last slot and are reported by `groups`."""
+    M, C = x2d.shape
+    ar = torch.arange(M, device=x2d.device)
+    rank = torch.cumsum(root == ar, 0)  # 1-based position of every root among the roots
+    slot = (rank.index_select(0, root) - 1).clamp_max(cap - 1)
+    xf = x2d.float() if xf is None else xf
+    sums = torch.zeros(cap, C, device=x2d.device).index_add_(0, slot, xf)
+    counts = torch.zeros(cap, device=x2d.device).index_add_(0, slot, ones)
+    means = (sums / counts.clamp_min(1)[:, None]).to(x2d.dtype)
+    return LeanPlan(means, slot, rank[-1], cap)
