@@ -350,7 +350,7 @@ def run(args) -> dict:
                            rows_removed_q=st.rows_removed("q_proj") if dedup else None,
                            rows_removed_down=st.rows_removed("down_proj") if dedup else None,
                            alphas="/".join(f"{a:g}" for a in alphas) if alphas else None,
-                           alpha_factor=factor, redos=getattr(st, "dedup_redos", None) if dedup else None)
+                           alpha_factor=factor)
                 if method == "focus":
                     # MACs of the same arm without crediting token_dedup (only the SEC-kept rows): <= the target
                     # of a FLOPs-matched arm whether or not the deduplicated rows are counted
@@ -427,7 +427,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     cols = ["frames", "arm", "prompt", "ttft_ms", "speedup", "host_ms", "kernel_ms", "kernels", "syncs", "ops",
-            "sync_ops", "redos", "mean_tokens", "tmacs", "tmacs_sec", "macs_vs_ff", "alphas", "sparsity", "rows_removed_q",
+            "sync_ops", "mean_tokens", "tmacs", "tmacs_sec", "macs_vs_ff", "alphas", "sparsity", "rows_removed_q",
             "rows_removed_down"]
     cols = [c for c in cols if any(r.get(c) is not None for r in res["rows"]) or c in ("frames", "arm")]
     md = (f"Device: {res['device']}. {res['note']}. Focus selected layers {res['focus_selected_layers']}; "

@@ -14,24 +14,16 @@ SIC (prefill only) wraps the linear layers at the GEMM inputs `q_proj` (shared b
 `gate_proj` (shared by gate/up), `down_proj`, and transforms Q after RoPE (`query`) through the attention hub:
 - `sic_mode="emulate"`: matched vectors are replaced by their group mean, the GEMM runs densely (accuracy of
   the accelerator, no speedup; the savings are simulated from the recorded sparsity);
-- `sic_mode="token_dedup"`: whole-token matching, the GEMM runs on the group means of the unique rows only and
-  the result is expanded to every member (real savings; `query` is not deduplicated: fused attention kernels).
-  Built to launch few kernels and never wait for the device inside the prefill:
-  * a candidate table per kept set (SEC stage; a selected layer's MLP under mid_layer sees the next stage's
-    rows), with no compaction and the M-tile masking folded in (assuming no live all-zero row), so no sync;
-  * per point (q/k/v and gate/up share theirs): cosines with the candidates (one candidate per row in the default
-    temporal matching: about a dozen ops), roots by a fixed number of pointer jumps (ceil(log2(longest chain))),
-    the roots' ranks by one cumsum, group means by one fp32 index_add (+ counts) into a **fixed capacity** of
-    rows, then one index_select per linear output: about 25 + log2(frames) ops and no host sync;
-  * the capacity comes from the stage's first point, whose duplicate fraction is estimated on at most
-    `similarity.SAMPLE_ROWS` rows (the stage's one host sync): `ceil(M * (1 - estimate + dedup_capacity_margin))`
-    rows (the exact count for that point when the sample covered it). Below `min_dedup_fraction` the whole stage
-    runs dense with no further work;
-  * the group counts of every point (and its live all-zero rows) are read once at the end of the prefill. A
-    point with more groups than its capacity (or a live all-zero row under tile masking) makes the prefill
-    run again from an emptied cache with those points dense (a second failure: every point dense), so results
-    are never silently wrong; `FocusStats.dedup_redos` counts these redos. Syncs per prefill: one per stage
-    plus one;
+- `sic_mode="token_dedup"`: whole-token matching, the GEMM runs on the unique rows only and the result is
+  expanded to every member (real savings; `query` is not deduplicated: fused attention kernels). The candidate
+  table of the current rows is built once per kept set (SEC stage), the matching once per GEMM input (q/k/v and
+  gate/up share theirs, group means included) with one host sync. `min_dedup_fraction` (gather/scatter only
+  pay off above a break-even fraction) decides per SEC stage first: the stage's first dedup point estimates its
+  duplicate fraction on at most `similarity.SAMPLE_ROWS` rows, read in the same host sync as the stage's
+  candidate table; below the cut every GEMM of the stage (the layers up to the next selected layer) runs
+  densely, with no other matching, table or sync. In a stage above it, the first point of each layer decides
+  for its layer (sampled likewise, one sync), and the points of a deciding layer are matched in full and
+  deduplicated when their own exact fraction reaches the cut;
 - `sic_mode="off"`: SEC only (same as `sec_only=True`).
 """
 from __future__ import annotations
