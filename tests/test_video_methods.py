@@ -213,31 +213,29 @@ def test_token_dedup_fast_path_equals_full_grid_path(ov, ov_prompt, cfg):
 
 
 def _stage_rule_holds(stats, selected, cut, n_layers):
-    """The min_dedup_fraction rule, checked on one run's statistics: the first point of each SEC stage (the
-    points that see one kept set: a selected layer's MLP, mid_layer, sees the next stage's) is estimated; below
-    `cut` the stage's points all run dense and nothing else of the stage is matched; above it every point of
-    the stage is deduplicated into its capacity, which holds all its groups (no redo here).
+    """The min_dedup_fraction rule, checked on one run's statistics: the first point (q_proj) of each SEC stage
+    is estimated; below `cut` the stage's layers all run dense and nothing else of the stage is matched; above
+    it every point of the stage is deduplicated into its capacity, which holds all its groups (no redo here).
     Returns (stages that ran dense, stages that did not)."""
     frac = {k: d / n for k, (d, n) in stats.duplicates.items()}
     stages = {}
     for layer in range(n_layers):
-        for gemm in ("q_proj", "o_proj", "gate_proj", "down_proj"):
-            stage = bisect.bisect_left(selected, layer) + (gemm in ("gate_proj", "down_proj") and layer in selected)
-            stages.setdefault(stage, []).append((gemm, layer))
+        stages.setdefault(bisect.bisect_left(selected, layer), []).append(layer)
     dense, live = [], []
-    for stage, points in stages.items():
-        first = points[0]
+    for stage, layers in stages.items():
+        first = ("q_proj", layers[0])
         assert first in frac
         if frac[first] < cut:
             dense.append(stage)
-            assert all(stats.dedup_rows[k][0] == stats.dedup_rows[k][1] for k in points)
-            assert [k for k in stats.duplicates if k in points] == [first]  # nothing else was matched
+            assert all(l in stats.dense_layers for l in layers)
+            assert [k for k in stats.duplicates if k[1] in layers] == [first]  # nothing else was matched
             continue
         live.append(stage)
-        for key in points:
-            computed, total = stats.dedup_rows[key]
-            d, n = stats.duplicates[key]
-            assert n == total and total - d <= computed <= total
+        for layer in layers:
+            for gemm in ("q_proj", "o_proj", "gate_proj", "down_proj"):
+                computed, total = stats.dedup_rows[(gemm, layer)]
+                d, n = stats.duplicates[(gemm, layer)]
+                assert n == total and total - d <= computed <= total
     assert stats.dedup_redos == 0
     return dense, live
 
@@ -251,17 +249,15 @@ def test_min_dedup_fraction_decides_per_stage(ov, ov_prompt):
         st = h.stats
         assert st.rows_removed("q_proj") == 0 and st.rows_removed("down_proj") == 0
         assert st.duplicates_found("q_proj") > 0  # the first point of each stage was matched ...
-        assert set(st.duplicates) == {("q_proj", 0), ("gate_proj", 1)}  # ... and decided for the whole stage
+        assert set(st.duplicates) == {("q_proj", 0), ("q_proj", 2)}  # ... and decided for the whole stage
         assert st.dense_layers == [0, 1, 2, 3]
         assert _stage_rule_holds(st, (1,), 1.0, 4) == ([0, 1], [])
-    # a stage below the cut and one above it in the same prefill: layers 0-2 dense but layer 2's MLP (it sees
-    # the rows SEC keeps: the next stage, mid_layer), layer 3 deduplicated
+    # a stage below the cut and one above it in the same prefill: layers 0-2 dense, layer 3 deduplicated
     cfg = dict(selected_layers=(2,), alpha_list=(0.5,), similarity_threshold=0.2)
     with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.2, **cfg) as h:
         _logits(ov, ov_prompt)
         assert _stage_rule_holds(h.stats, (2,), 0.2, 4) == ([0], [1])
-        assert h.stats.dense_layers == [0, 1] and h.stats.rows_removed("down_proj") > 0
-        assert h.stats.dedup_rows[("o_proj", 2)][0] == h.stats.dedup_rows[("o_proj", 2)][1]
+        assert h.stats.dense_layers == [0, 1, 2] and h.stats.rows_removed("down_proj") > 0
 
 
 @pytest.mark.parametrize("sel", [(0,), (1,), (2,), (0, 2)])
@@ -310,7 +306,7 @@ def test_sampled_stage_decision(ov, ov_prompt, monkeypatch):
     with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=1.0, **cfg) as h:
         assert torch.equal(_logits(ov, ov_prompt), sec)
         assert calls == {"full": 0, "layer": 0, "stage": 2} and h.stats.dense_layers == [0, 1, 2, 3]
-        assert set(h.stats.duplicates) == {("q_proj", 0), ("gate_proj", 1)}
+        assert set(h.stats.duplicates) == {("q_proj", 0), ("q_proj", 2)}
     calls.update(full=0, layer=0, stage=0)
     with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=1e-9, **cfg) as h:
         _logits(ov, ov_prompt)

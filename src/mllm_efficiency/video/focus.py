@@ -661,13 +661,11 @@ class AttachedFocus:
         B, L, C = x.shape
         M = B * L
         key = (gemm, layer)
-        mlp = gemm in MLP_GEMMS
         stage = bisect.bisect_left(cfg.selected_layers, layer)  # SEC stages applied before this layer
-        if mlp and layer in self.pending:  # a selected layer's MLP (mid_layer) sees the next stage's rows
-            stage += 1
         self.stats.dedup_rows[key] = [M, M]
         if key in self.force_dense or cfg.similarity_threshold >= 1.0 or self._stage_keep.get(stage, 0.0) is None:
             return None  # (threshold 1: the clamped cosine never exceeds it)
+        mlp = gemm in MLP_GEMMS
         x2d = x.reshape(M, C)
         t = self.table(layer, mlp, B, L, x.device)
         exact = None
