@@ -398,10 +398,9 @@ class AttachedFocus:
         or a live all-zero row under tile masking (the table assumed none)."""
         if not self._points:
             return set()
-        values = torch.stack([v for p in self._points for v in (p.groups, p.zero, p.live)]).tolist()
+        values = torch.stack([torch.stack([p.groups, p.zero, p.live]) for p in self._points]).tolist()
         failed = set()
-        for i, p in enumerate(self._points):
-            groups, zero, live = values[3 * i:3 * i + 3]
+        for p, (groups, zero, live) in zip(self._points, values):
             removed = p.rows - groups
             self.stats.duplicates[p.key] = [removed, p.rows]
             if p.n_grid is not None:  # the full-grid path (record_trace) counted its own
@@ -682,7 +681,7 @@ class AttachedFocus:
         else:
             root, zero, xf = S.lean_roots(x2d, t, threshold=cfg.similarity_threshold)
             n_grid = t.n_grid
-        plan = S.lean_plan(x2d, root, cap, t.ones, xf, t.ar)
+        plan = S.lean_plan(x2d, root, cap, t.ones, xf)
         self._points.append(_Point(key, M, cap, plan.groups, zero, t.n_live, n_grid, t.tiled and not cfg.record_trace))
         self.stats.dedup_rows[key] = [cap, M]
         return plan

@@ -463,7 +463,6 @@ class LeanTable:
     cand: torch.Tensor  # long (M, K): candidate rows (-1: none; K == 1: the row itself)
     zero_bound: torch.Tensor  # fp32 (M,): norm < bound <=> a live all-zero row (bound 0 for other rows)
     ones: torch.Tensor  # fp32 (M,): the group-size increments of `lean_plan`
-    ar: torch.Tensor  # long (M,): arange(M)
     n_live: torch.Tensor  # 0-dim long on the device: live rows
     source: RowCandidates  # the uncompacted table (the stage's sampled estimate reads it)
     jumps: int
@@ -485,7 +484,7 @@ def lean_table(c: RowCandidates, m_size: int = -1) -> LeanTable:
     cand = torch.where(ok, c.cand, ar[:, None] if K == 1 else -1)
     # the smallest positive fp32 (a subnormal): a norm below it is 0
     bound = torch.where(c.live, torch.tensor(1.4e-45, device=dev), torch.tensor(0.0, device=dev))
-    return LeanTable(cand, bound, torch.ones(M, device=dev), ar, c.live.sum(), c, c.jumps, c.n_grid, m_size >= 0)
+    return LeanTable(cand, bound, torch.ones(M, device=dev), c.live.sum(), c, c.jumps, c.n_grid, m_size >= 0)
 
 
 def lean_roots(x2d: torch.Tensor, t: LeanTable, *, threshold: float):
@@ -494,7 +493,7 @@ def lean_roots(x2d: torch.Tensor, t: LeanTable, *, threshold: float):
     jumps and no host sync. One candidate per row takes a short path of about a dozen ops."""
     M, C = x2d.shape
     xf = x2d.float()
-    ar = t.ar
+    ar = torch.arange(M, device=x2d.device)
     v = xf.view(M, 1, C)
     norm = v.norm(dim=-1)[:, 0]
     if t.cand.shape[1] == 1:
@@ -527,11 +526,11 @@ class LeanPlan:
 
 
 def lean_plan(x2d: torch.Tensor, root: torch.Tensor, cap: int, ones: torch.Tensor,
-              xf: torch.Tensor | None = None, ar: torch.Tensor | None = None) -> LeanPlan:
+              xf: torch.Tensor | None = None) -> LeanPlan:
     """Group means of the roots in row order (fp32 accumulation in row order, as `group_mean`) in `cap` slots,
     with no host sync; groups past `cap` (an overflow) land in the last slot and are reported by `groups`."""
     M, C = x2d.shape
-    ar = torch.arange(M, device=x2d.device) if ar is None else ar
+    ar = torch.arange(M, device=x2d.device)
     rank = torch.cumsum(root == ar, 0)  # 1-based position of every root among the roots
     slot = (rank.index_select(0, root) - 1).clamp_max(cap - 1)
     xf = x2d.float() if xf is None else xf
