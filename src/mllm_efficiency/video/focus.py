@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import math
 
 import torch
 from torch import nn
@@ -63,7 +62,6 @@ class FocusConfig(MethodConfig):
     gemms: tuple = GEMMS
     mask_row_wrap: bool = False
     min_dedup_fraction: float = 0.15  # token_dedup: duplicate-row fraction below which GEMMs run dense
-    dedup_capacity_margin: float = 0.08  # token_dedup: rows reserved per point beyond the stage's estimate
     placement: str = "mid_layer"
     frames: int | None = None  # frame count when the processor's grid information is not available
     record_trace: bool = False
@@ -94,7 +92,6 @@ class FocusConfig(MethodConfig):
         f = self.min_dedup_fraction
         if not is_number(f) or not (0.0 <= float(f) <= 1.0):
             raise ConfigError(f"min_dedup_fraction must be in [0, 1], got {f!r}")
-        check_unit_fraction("dedup_capacity_margin", self.dedup_capacity_margin)
         if self.gemm_m_size != -1:
             check_int("gemm_m_size", self.gemm_m_size, 1)
         check_choice("sic_mode", self.sic_mode, ("emulate", "token_dedup", "off"))
@@ -145,7 +142,6 @@ class FocusStats:
     duplicates: dict = dataclasses.field(default_factory=dict)
     cache_lengths: list[int] | None = None
     prefills: int = 0
-    dedup_redos: int = 0  # token_dedup: prefills redone because a point overflowed its capacity
 
     def sic_sparsity(self, gemm: str, layer: int) -> float:
         sim, zero, total = self.sic_counts.get((gemm, layer), (0, 0, 0))
@@ -224,28 +220,11 @@ class Site:
         if isinstance(prep, torch.Tensor):
             return inner(prep)
         B, L, C = x.shape
-        if isinstance(prep, S.LeanPlan):
-            y = inner(prep.means).index_select(0, prep.expand)
-            return y.view(B, L, y.shape[-1])
         x2d = x.reshape(B * L, C)
         if self._means is None:
             self._means = S.group_means_rows(x2d, prep)
         y = S.dedup_linear(inner, x2d, prep, self._means)
         return y.view(B, L, y.shape[-1])
-
-
-@dataclasses.dataclass
-class _Point:
-    """A deduplicated point of the running prefill, settled at its end (`AttachedFocus._settle`)."""
-
-    key: tuple  # (gemm, layer)
-    rows: int
-    cap: int
-    groups: torch.Tensor  # 0-dim on the device: rows computed had the capacity been exact
-    zero: torch.Tensor  # 0-dim: live all-zero rows
-    live: torch.Tensor  # 0-dim: live rows
-    n_grid: int | None  # grid tokens (None: the full-grid path counted the similarity statistics)
-    tiled: bool  # the matching assumed no live all-zero row
 
 
 class SICLinear(nn.Module):
@@ -289,13 +268,11 @@ class AttachedFocus:
         self.sic_live = False
         self._targets: list[list[int]] = []
         self._active: Site | None = None  # the site whose input is cached (released when the next one starts)
-        self._neighbours_cache: list = []  # [(key, LeanTable)], the last two kept sets
-        self._stage_keep: dict[int, float | None] = {}  # token_dedup: SEC stage -> capacity fraction (None: dense)
+        self._layer_dedup: dict[int, bool] = {}  # token_dedup: layer -> its first point found enough duplicates
+        self._neighbours_cache: list = []  # [(key, RowNeighbours)], the last two kept sets
+        self._stage_dedup: dict[int, bool] = {}  # token_dedup: SEC stage -> its sampled estimate reached the cut
         self._geometry = None  # (layout, device, similarity.GridGeometry) of the candidate tables
-        self._points: list = []  # token_dedup: _Point per deduplicated point, settled once per prefill
-        self.force_dense: set = set()  # token_dedup: (gemm, layer) points run dense (the overflow redo sets it)
-        self._redos = 0  # nesting depth of the overflow redo
-        self._prefill_ids = None
+        self._counts: list = []  # token_dedup: ((gemm, layer), device tensor [similar, live nonzero], n_grid)
         self.steps = [DelegateStep(self, layer + 1, layer, tag=i) for i, layer in enumerate(config.selected_layers)]
         self.engine = None
         for step in self.steps:
@@ -306,7 +283,7 @@ class AttachedFocus:
         self._wrapped: list[tuple[nn.Module, str, nn.Module]] = []
         self._sites: list[Site] = []
         self._handles = [adapter.text_model.register_forward_pre_hook(self._on_text_model, with_kwargs=True),
-                         adapter.text_model.register_forward_hook(self._after_text_model, with_kwargs=True)]
+                         adapter.text_model.register_forward_hook(self._after_text_model)]
         for i, layer in enumerate(adapter.layers):
             self._handles.append(layer.register_forward_pre_hook(self._count_layer(i), with_kwargs=True))
         if config.placement == "mid_layer":
@@ -360,9 +337,10 @@ class AttachedFocus:
         self._mlp_plan.clear()
         self._mlp_live = None
         self._kept.clear()
-        self._stage_keep.clear()
+        self._layer_dedup.clear()
+        self._stage_dedup.clear()
         self._neighbours_cache.clear()
-        self._points.clear()
+        self._counts.clear()
 
     def _on_text_model(self, module, args, kwargs):
         self.pending.clear()
@@ -372,7 +350,7 @@ class AttachedFocus:
         if req is None and not self.layout_source.ctx.fresh:
             return None
         if self.layout_source.ctx.fresh and self.layout_source.ctx.input_ids is not None:
-            ids = self._prefill_ids = self.layout_source.ctx.input_ids
+            ids = self.layout_source.ctx.input_ids
             layout = self.layout_source.get(ids.shape[0], ids.shape[1], ids.device)
             if layout is not None and sum(layout.n_grid) and ids.shape[1] > 1:
                 self.sic_live = self.config.sic_on
@@ -384,53 +362,15 @@ class AttachedFocus:
                 self.stats.keep_per_stage = [[] for _ in self.config.selected_layers]
         return None
 
-    def _after_text_model(self, module, args, kwargs, output):
-        failed = self._settle()
+    def _after_text_model(self, module, args, output):
+        if self._counts:  # the similarity counts of token_dedup: one host transfer per prefill
+            values = torch.stack([t for _, t, _ in self._counts]).tolist()
+            for ((key, _, n_grid), (similar, live_nonzero)) in zip(self._counts, values):
+                prev = self.stats.sic_counts.get(key, [0, 0, 0])
+                self.stats.sic_counts[key] = [prev[0] + similar, prev[1] + n_grid - live_nonzero, prev[2] + n_grid]
         self.sic_live = False
         self._release()
-        if not failed:
-            return None
-        return self._redo(module, args, kwargs, failed)
-
-    def _settle(self) -> set:
-        """token_dedup's one host transfer of a prefill: every deduplicated point's group count and live all-zero
-        rows, into the statistics. Returns the points whose result is not exact: more groups than their capacity,
-        or a live all-zero row under tile masking (the table assumed none)."""
-        if not self._points:
-            return set()
-        values = torch.stack([torch.stack([p.groups, p.zero, p.live]) for p in self._points]).tolist()
-        failed = set()
-        for p, (groups, zero, live) in zip(self._points, values):
-            removed = p.rows - groups
-            self.stats.duplicates[p.key] = [removed, p.rows]
-            if p.n_grid is not None:  # the full-grid path (record_trace) counted its own
-                prev = self.stats.sic_counts.get(p.key, [0, 0, 0])
-                self.stats.sic_counts[p.key] = [prev[0] + removed, prev[1] + p.n_grid - live + zero,
-                                                prev[2] + p.n_grid]
-            if groups > p.cap or (zero and p.tiled):
-                failed.add(p.key)
-        return failed
-
-    def _redo(self, module, args, kwargs, failed: set):
-        """The prefill again, with the failed points dense (after a second failure: every point dense), from an
-        emptied cache; its output replaces this one. Never silently wrong, at the price of a second prefill."""
-        self.stats.dedup_redos += 1
-        saved = set(self.force_dense)
-        self.force_dense |= failed
-        self._redos += 1
-        try:
-            if self._redos > 1:
-                self.force_dense |= {(g, l) for g in DEDUP_GEMMS for l in range(self.adapter.num_layers)}
-            cache = kwargs.get(self.adapter.cache_kwarg)
-            if cache is not None and hasattr(cache, "reset"):
-                cache.reset()
-            self.layout_source.ctx._entry_ids = self._prefill_ids  # the ids of an embeddings-only call
-            out = module(*args, **kwargs)
-        finally:
-            self._redos -= 1
-            self.force_dense = saved
-        self.stats.prefills -= 1  # one prefill for the caller
-        return out
+        return None
 
     def _count_layer(self, i: int):
         def hook(module, args, kwargs):
@@ -618,77 +558,113 @@ class AttachedFocus:
         return S.row_candidates(grid, alive, layout.grids, frame_block=cfg.frame_block_size, block=cfg.block,
                                 mask_row_wrap=cfg.mask_row_wrap, geometry=cached[2])
 
-    def _store(self, key: tuple, nb: S.LeanTable) -> S.LeanTable:
+    def _store(self, key: tuple, nb: S.RowNeighbours) -> S.RowNeighbours:
         self._neighbours_cache = [(key, nb)] + self._neighbours_cache[:1]
         return nb
 
-    def table(self, layer: int, mlp: bool, B: int, Lcur: int, device) -> S.LeanTable:
-        """Candidate table of the current rows, built once per kept set (and mid-layer pending set); no sync."""
+    def neighbours(self, layer: int, mlp: bool, B: int, Lcur: int, device) -> S.RowNeighbours:
+        """Candidate table of the current rows, built once per kept set (and mid-layer pending set); one sync."""
         key = self._table_key(layer, mlp, B, Lcur)
-        t = self._cached_table(key)
-        if t is None:
+        nb = self._cached_table(key)
+        if nb is None:
             c = self._candidates(layer, mlp, B, Lcur, device)
-            t = self._store(key, S.lean_table(c, self.config.gemm_m_size))
-        return t
+            P, most = c.counts.tolist()  # the host sync of a kept set
+            nb = self._store(key, c.table(P, most, self.config.gemm_m_size))
+        return nb
 
-    def _stage_capacity(self, x2d: torch.Tensor, t: S.LeanTable) -> tuple[float | None, int | None]:
-        """The first point of a SEC stage: its duplicate fraction estimated on at most `similarity.SAMPLE_ROWS`
-        rows (the stage's one host sync). Returns (the fraction of rows the stage's points reserve, None below
-        `min_dedup_fraction`; this point's exact duplicate count when the sample covered every row)."""
+    def _stage_sample(self, x2d: torch.Tensor, layer: int, mlp: bool, B: int, L: int):
+        """The first point of a SEC stage: its candidate table and the sampled duplicate estimate, with one host
+        sync for both ([P, most, duplicates in the sample]). Returns (table, estimate, exact): the table is None
+        when the estimate is below `min_dedup_fraction` (not compacted: nothing of the stage will be matched);
+        `exact` = (duplicates, codes, nonzero rows) when the sample was every row with a candidate
+        (P <= SAMPLE_ROWS): the point's full matching is then known without another sync."""
         cfg = self.config
         M = x2d.shape[0]
-        found, _, _ = S.sample_duplicates(x2d, t.source, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size)
-        P, found = torch.stack([t.source.counts[0], found]).tolist()  # the stage's one host sync
+        key = self._table_key(layer, mlp, B, L)
+        nb = self._cached_table(key)
+        if nb is not None:  # the kept set did not change since the last table
+            return nb, self._layer_sample(x2d, nb), None
+        c = self._candidates(layer, mlp, B, L, x2d.device)
+        found, code, nonzero = S.sample_duplicates(x2d, c, threshold=cfg.similarity_threshold,
+                                                   m_size=cfg.gemm_m_size)
+        P, most, found = torch.cat([c.counts, found[None]]).tolist()  # the stage's one host sync
         exact = P <= S.SAMPLE_ROWS
         estimate = found / M if exact else found * P / (S.SAMPLE_ROWS * M)
-        self._estimate = estimate
         if estimate < cfg.min_dedup_fraction:
-            return None, None
-        return min(1.0, 1.0 - estimate + cfg.dedup_capacity_margin), found if exact else None
+            return None, estimate, None
+        nb = self._store(key, c.table(P, most, cfg.gemm_m_size))
+        return nb, estimate, (found, code[:P], nonzero) if exact else None
+
+    def _layer_sample(self, x2d: torch.Tensor, nb: S.RowNeighbours) -> float | None:
+        """A layer's sampled duplicate estimate (one sync); None when the table is small enough to be matched in
+        full (the full matching decides)."""
+        if nb.sample is None:
+            return None
+        cfg = self.config
+        found, matched, _ = S.count_duplicates(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size)
+        return int(found) * nb.rows.numel() / (matched * x2d.shape[0])  # host sync
 
     def prepare_site(self, x: torch.Tensor, layer: int, gemm: str):
-        """What a GEMM point runs on: the mean-replaced input (emulate), a LeanPlan, or None (dense).
+        """What a GEMM point runs on: the mean-replaced input (emulate), a DedupPlan, or None (dense).
 
-        token_dedup: the first point of each SEC stage (the layers between two selected layers) estimates its
-        duplicate fraction on a sample (one host sync); below `min_dedup_fraction` every GEMM of the stage runs
-        dense with no further work. Otherwise every point of the stage is deduplicated into a capacity of
-        `ceil(M * (1 - estimate + dedup_capacity_margin))` rows, with no host sync; the group counts are checked
-        once at the end of the prefill (`_settle`)."""
+        token_dedup with `min_dedup_fraction` > 0 decides in two steps: the first point of each SEC stage (the
+        layers between two selected layers) estimates its duplicate fraction on a sample, in the same host sync
+        as the stage's candidate table; below `min_dedup_fraction` every GEMM of the stage runs dense with no
+        further matching, table or sync. In a stage above it, the first point of each layer decides for its
+        layer (the stage's first layer reuses the stage's estimate), then every point of a deduplicating layer
+        is matched in full and deduplicated when its exact fraction reaches the threshold (one sync each)."""
         cfg = self.config
         if cfg.sic_mode == "emulate":
             return self.prepare(x, layer, gemm)
         B, L, C = x.shape
         M = B * L
         key = (gemm, layer)
+        if cfg.record_trace:  # the full-grid path records codes and roots in grid space
+            plan = self.prepare(x, layer, gemm)
+            return self._dedup_or_dense(key, plan.removed, M, plan)
         stage = bisect.bisect_left(cfg.selected_layers, layer)  # SEC stages applied before this layer
-        self.stats.dedup_rows[key] = [M, M]
-        if key in self.force_dense or cfg.similarity_threshold >= 1.0 or self._stage_keep.get(stage, 0.0) is None:
-            return None  # (threshold 1: the clamped cosine never exceeds it)
+        if self._layer_dedup.get(layer) is False or self._stage_dedup.get(stage) is False:
+            self._layer_dedup[layer] = False
+            self.stats.dedup_rows[key] = [M, M]
+            return None
         mlp = gemm in MLP_GEMMS
         x2d = x.reshape(M, C)
-        t = self.table(layer, mlp, B, L, x.device)
         exact = None
-        if stage not in self._stage_keep:
-            self._stage_keep[stage], exact = self._stage_capacity(x2d, t)
-            if self._stage_keep[stage] is None:
-                self.stats.duplicates[key] = [round(self._estimate * M), M]
+        if layer not in self._layer_dedup and cfg.min_dedup_fraction > 0:  # the layer's first point
+            if stage not in self._stage_dedup:
+                nb, estimate, exact = self._stage_sample(x2d, layer, mlp, B, L)
+                self._stage_dedup[stage] = estimate is None or estimate >= cfg.min_dedup_fraction
+            else:
+                nb = self.neighbours(layer, mlp, B, L, x.device)
+                estimate = self._layer_sample(x2d, nb)
+            if estimate is not None and estimate < cfg.min_dedup_fraction:
+                self._layer_dedup[layer] = False
+                self.stats.duplicates[key] = [round(estimate * M), M]
+                self.stats.dedup_rows[key] = [M, M]
                 return None
-        cap = max(1, min(M, M - exact if exact is not None else math.ceil(M * self._stage_keep[stage])))
-        cap = self.capacity(key, cap)
-        if cfg.record_trace:  # the full-grid path records codes and roots in grid space
-            root, xf, n_grid = self.prepare(x, layer, gemm).root, None, None
-            zero = root.new_zeros(())
         else:
-            root, zero, xf = S.lean_roots(x2d, t, threshold=cfg.similarity_threshold)
-            n_grid = t.n_grid
-        plan = S.lean_plan(x2d, root, cap, t.ones, xf)
-        self._points.append(_Point(key, M, cap, plan.groups, zero, t.n_live, n_grid, t.tiled and not cfg.record_trace))
-        self.stats.dedup_rows[key] = [cap, M]
-        return plan
+            nb = self.neighbours(layer, mlp, B, L, x.device)
+        m = S.match_rows(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size,
+                         code=exact[1] if exact else None, nonzero=exact[2] if exact else None)
+        count = m.removed()
+        self._counts.append((key, torch.stack([count, (nb.live & m.nonzero).sum()]), nb.n_grid))
+        removed = exact[0] if exact else int(count)  # the host sync of this point (the plan's shapes need it)
+        return self._dedup_or_dense(key, removed, M, None, m)
 
-    def capacity(self, key: tuple, cap: int) -> int:
-        """The capacity of a point (a hook for tests forcing an overflow)."""
-        return cap
+    def _dedup_or_dense(self, key: tuple, removed: int, M: int, plan=None, m=None):
+        """A matched point: deduplicated when its exact duplicate fraction reaches `min_dedup_fraction` and its
+        layer's first point did; the plan's shapes come from `removed` (no sync)."""
+        gemm, layer = key
+        self.stats.duplicates[key] = [removed, M]
+        worth = removed / M >= self.config.min_dedup_fraction
+        layer_ok = self._layer_dedup.setdefault(layer, worth)  # the first point of a layer decides for it
+        if not (layer_ok and worth and removed > 0):
+            self.stats.dedup_rows[key] = [M, M]
+            return None
+        if plan is None:
+            plan = S.dedup_plan(m.root, removed)
+        self.stats.dedup_rows[key] = [M - removed, M]
+        return plan
 
     def prepare(self, x: torch.Tensor, layer: int, gemm: str):
         """Full-grid path (emulation; token_dedup with `record_trace`): the mean-replaced input (emulation) or a
