@@ -594,3 +594,29 @@ def test_fastv_and_snapkv_on_padded_llava_batch_equals_single_runs(llava):
     for b in range(2):
         assert torch.equal(tok_b[b], singles[b][0][0])
         torch.testing.assert_close(log_b[b], singles[b][1][0], atol=TOL, rtol=0)
+
+
+def test_tracked_cache_reset_empties_even_where_base_reset_zero_fills(monkeypatch):
+    """transformers 5.17's `DynamicLayer.reset` zero-fills and keeps the length (5.24 drops the tensors); a reset
+    TrackedCache must be empty either way, so a pruned prefill can start again on it."""
+    from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+
+    def zero_fill(self):
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+
+    monkeypatch.setattr(DynamicLayer, "reset", zero_fill)
+    monkeypatch.setattr(CacheLayerMixin, "reset", zero_fill)
+    cache = TrackedCache(num_layers=2)
+    kv = torch.randn(1, 2, 5, 4)
+    for i in range(2):
+        cache.layers[i].set_pending(torch.tensor([[0, 2, 3, 6, 7]]), None, logical_end=8)
+        cache.update(kv, kv, i)
+    assert cache.logical_length == 8 and cache.get_seq_length() == 5
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.logical_length == 0
+    assert all(not layer.is_tracked for layer in cache.layers)
+    cache.layers[0].set_pending(None, None, logical_end=3)
+    cache.update(kv[:, :, :3], kv[:, :, :3], 0)  # a pruned prefill starts again on the emptied layer
+    assert cache.get_seq_length(0) == 3

@@ -155,7 +155,12 @@ class TrackedLayer(DynamicLayer):
         super().crop(max_length)
 
     def reset(self) -> None:
-        super().reset()
+        # Emptied, not zero-filled: transformers 5.17's `reset` zero-fills and keeps the length (5.24's drops the
+        # tensors); either way `update` must then start from an empty layer.
+        self.keys = self.values = None
+        self.is_initialized = False
+        if isinstance(getattr(self, "cumulative_length", None), int):
+            self.cumulative_length = 0
         self.prefix_pos = self.prefix_valid = self.position_shift = self.score = self.budget = None
         self.prefix_len = self.tail_start = 0
         self._pending = None
