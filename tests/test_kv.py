@@ -620,3 +620,22 @@ def test_tracked_cache_reset_empties_even_where_base_reset_zero_fills(monkeypatc
     cache.layers[0].set_pending(None, None, logical_end=3)
     cache.update(kv[:, :, :3], kv[:, :, :3], 0)  # a pruned prefill starts again on the emptied layer
     assert cache.get_seq_length(0) == 3
+
+
+def test_tracked_layer_crop_takes_a_length_or_a_removal_count():
+    """crop(n >= 0) keeps n logical tokens (transformers 5.17), crop(-n) removes n (5.24); both on every pinned
+    version, and never into the pruned prompt."""
+    kv = torch.randn(1, 2, 5, 4)
+    layer = TrackedLayer()
+    layer.set_pending(torch.tensor([[0, 2, 3, 6, 7]]), None, logical_end=8)
+    layer.update(kv, kv)
+    layer.update(kv[:, :, :3], kv[:, :, :3])  # 3 decoded tokens: logical 11, stored 8
+    assert (layer.logical_length(), layer.get_seq_length()) == (11, 8)
+    layer.crop(10)
+    assert (layer.logical_length(), layer.get_seq_length()) == (10, 7)
+    layer.crop(-1)
+    assert (layer.logical_length(), layer.get_seq_length()) == (9, 6)
+    layer.crop(9)  # nothing to remove
+    assert layer.get_seq_length() == 6
+    with pytest.raises(NotImplementedError, match="pruned prompt"):
+        layer.crop(-2)

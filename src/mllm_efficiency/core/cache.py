@@ -148,11 +148,14 @@ class TrackedLayer(DynamicLayer):
             self.budget = tuple(self.budget[i] for i in idx.tolist())
 
     def crop(self, max_length: int) -> None:
-        if self.is_tracked:
-            remove = -max_length if max_length < 0 else self.logical_length() - max_length
-            if self.get_seq_length() - remove < self.prefix_len:
-                raise NotImplementedError("cropping into the pruned prompt part of a TrackedCache is not supported")
-        super().crop(max_length)
+        """`max_length` >= 0: keep that many logical tokens (transformers 5.17's meaning); < 0: remove that many
+        (the only form 5.24 accepts). Passed on as a removal count, which every pinned version reads alike."""
+        remove = -max_length if max_length < 0 else self.logical_length() - max_length
+        if remove <= 0 or not self.is_initialized:
+            return
+        if self.is_tracked and self.get_seq_length() - remove < self.prefix_len:
+            raise NotImplementedError("cropping into the pruned prompt part of a TrackedCache is not supported")
+        super().crop(-remove)
 
     def reset(self) -> None:
         # Emptied, not zero-filled: transformers 5.17's `reset` zero-fills and keeps the length (5.24's drops the
