@@ -287,23 +287,28 @@ def test_stage_path_equals_unconditional_path(ov, ov_prompt, cfg):
     assert res[0][1:] == res[1][1:]
 
 
+def _count_calls(monkeypatch, **functions) -> dict:
+    """Wrap the named functions of the similarity module to count their calls: {label: count}, label=function."""
+    calls = dict.fromkeys(functions, 0)
+
+    def counting(label, fn):
+        def wrapped(*a, **k):
+            calls[label] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    for label, name in functions.items():
+        monkeypatch.setattr(S, name, counting(label, getattr(S, name)))
+    return calls
+
+
 def test_sampled_stage_decision(ov, ov_prompt, monkeypatch):
     """With more candidate rows than `SAMPLE_ROWS`, a stage's first point is decided on a sample: a stage it
     sends dense is never matched in full (nor any other of its points), and outputs stay those of SEC only when
     nothing is deduplicated; in a stage above the cut, the other layers' first points are estimated on a
     sample of their own."""
     monkeypatch.setattr(S, "SAMPLE_ROWS", 4)
-    calls = {"full": 0, "layer": 0, "stage": 0}
-
-    def counting(name, fn):
-        def wrapped(*a, **k):
-            calls[name] += 1
-            return fn(*a, **k)
-        return wrapped
-
-    monkeypatch.setattr(S, "match_rows", counting("full", S.match_rows))
-    monkeypatch.setattr(S, "count_duplicates", counting("layer", S.count_duplicates))
-    monkeypatch.setattr(S, "sample_duplicates", counting("stage", S.sample_duplicates))
+    calls = _count_calls(monkeypatch, full="match_rows", layer="count_duplicates", stage="sample_duplicates")
     cfg = dict(selected_layers=(1,), alpha_list=(0.5,), similarity_threshold=0.3)
     with me.apply(ov, "focus", sec_only=True, **cfg):
         sec = _logits(ov, ov_prompt)
@@ -408,17 +413,7 @@ def test_dedup_plan_orders_roots_then_members():
 def test_token_dedup_matches_each_gemm_input_once(ov, ov_prompt, monkeypatch):
     """q/k/v (and gate/up) share one matching and one set of group means; the candidate table is built once
     per kept set, not per GEMM."""
-    calls = {"match": 0, "means": 0, "table": 0}
-
-    def counting(name, fn):
-        def wrapped(*a, **k):
-            calls[name] += 1
-            return fn(*a, **k)
-        return wrapped
-
-    monkeypatch.setattr(S, "match_rows", counting("match", S.match_rows))
-    monkeypatch.setattr(S, "group_means_rows", counting("means", S.group_means_rows))
-    monkeypatch.setattr(S, "row_candidates", counting("table", S.row_candidates))
+    calls = _count_calls(monkeypatch, match="match_rows", means="group_means_rows", table="row_candidates")
     rows = {}
     with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, selected_layers=(1,),
                   alpha_list=(0.5,), similarity_threshold=0.0) as h:
