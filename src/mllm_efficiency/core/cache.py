@@ -162,8 +162,6 @@ class TrackedLayer(DynamicLayer):
         # tensors); either way `update` must then start from an empty layer.
         self.keys = self.values = None
         self.is_initialized = False
-        if isinstance(getattr(self, "cumulative_length", None), int):
-            self.cumulative_length = 0
         self.prefix_pos = self.prefix_valid = self.position_shift = self.score = self.budget = None
         self.prefix_len = self.tail_start = 0
         self._pending = None
