@@ -8,12 +8,18 @@ engine or a switched attention implementation behind on a shared model.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # CPU runs test the Triton kernels (video/dedup_kernels.py) under Triton's interpreter, which must be chosen
+    # before triton is first imported; the library itself only runs them on CUDA tensors unless asked to
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import mllm_efficiency as me
 from mllm_efficiency.testing import IMAGE_TOKEN, llava_prompt, tiny_llama_lm, tiny_llava, tiny_qwen2_lm  # noqa: F401

@@ -155,6 +155,9 @@ def arms(T: int, frames: int):
             ("focus_sec_ffmatch", "focus", dict(video, sec_only=True, **common)),  # alphas set at run time
             ("focus_sec_dedup_ffmatch", "focus", dict(video, sic_mode="token_dedup", similarity_threshold=0.9,
                                                       **common)),
+            # the same with the eager (unfused) matching and group means: what the Triton kernels save
+            ("focus_sec_dedup_eager_ffmatch", "focus", dict(video, sic_mode="token_dedup", similarity_threshold=0.9,
+                                                            fused_kernels=False, **common)),
             # token_dedup on the MLP input only (gate/up share it): the one GEMM point wide enough to pay for
             # its matching at 7B shapes (docs/video.md)
             ("focus_sec_dedup_mlp_ffmatch", "focus", dict(video, sic_mode="token_dedup", similarity_threshold=0.9,

@@ -40,6 +40,7 @@ from ..pruning.engine import PruningEngine
 from ..pruning import scoring
 from ..pruning.scoring import key_scores
 from ..registry import register_method
+from . import dedup_kernels as DK
 from . import similarity as S
 from .common import DelegateStep, PromptLayout, current_visual, topk_keep
 
@@ -62,6 +63,7 @@ class FocusConfig(MethodConfig):
     gemms: tuple = GEMMS
     mask_row_wrap: bool = False
     min_dedup_fraction: float = 0.15  # token_dedup: duplicate-row fraction below which GEMMs run dense
+    fused_kernels: bool | None = None  # token_dedup: Triton matching / group means (None: on CUDA with Triton)
     placement: str = "mid_layer"
     frames: int | None = None  # frame count when the processor's grid information is not available
     record_trace: bool = False
@@ -100,6 +102,10 @@ class FocusConfig(MethodConfig):
             check_choice("gemms", g, GEMMS)
         if self.frames is not None:
             check_int("frames", self.frames, 1)
+        if self.fused_kernels not in (None, True, False):
+            raise ConfigError(f"fused_kernels must be None (auto), True or False, got {self.fused_kernels!r}")
+        if self.fused_kernels and DK.triton is None:
+            raise ConfigError("fused_kernels=True needs Triton (pip install triton); use None (auto) or False")
 
     @property
     def sic_on(self) -> bool:
@@ -586,7 +592,7 @@ class AttachedFocus:
             return nb, self._layer_sample(x2d, nb), None
         c = self._candidates(layer, mlp, B, L, x2d.device)
         found, code, nonzero = S.sample_duplicates(x2d, c, threshold=cfg.similarity_threshold,
-                                                   m_size=cfg.gemm_m_size)
+                                                   m_size=cfg.gemm_m_size, fused=self._fused(x2d))
         P, most, found = torch.cat([c.counts, found[None]]).tolist()  # the stage's one host sync
         exact = P <= S.SAMPLE_ROWS
         estimate = found / M if exact else found * P / (S.SAMPLE_ROWS * M)
@@ -601,7 +607,8 @@ class AttachedFocus:
         if nb.sample is None:
             return None
         cfg = self.config
-        found, matched, _ = S.count_duplicates(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size)
+        found, matched, _ = S.count_duplicates(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size,
+                                               fused=self._fused(x2d))
         return int(found) * nb.rows.numel() / (matched * x2d.shape[0])  # host sync
 
     def prepare_site(self, x: torch.Tensor, layer: int, gemm: str):
@@ -644,14 +651,24 @@ class AttachedFocus:
                 return None
         else:
             nb = self.neighbours(layer, mlp, B, L, x.device)
+        fused = self._fused(x2d)
         m = S.match_rows(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size,
-                         code=exact[1] if exact else None, nonzero=exact[2] if exact else None)
+                         code=exact[1] if exact else None, nonzero=exact[2] if exact else None, fused=fused)
         count = m.removed()
         self._counts.append((key, torch.stack([count, (nb.live & m.nonzero).sum()]), nb.n_grid))
+        draft = S.PlanDraft.of(m.root, lists=fused)  # queued before the sync: after it only the GEMM is launched
         removed = exact[0] if exact else int(count)  # the host sync of this point (the plan's shapes need it)
-        return self._dedup_or_dense(key, removed, M, None, m)
+        return self._dedup_or_dense(key, removed, M, draft=draft)
 
-    def _dedup_or_dense(self, key: tuple, removed: int, M: int, plan=None, m=None):
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether this prefill's token_dedup runs the Triton kernels (`fused_kernels`; None: where usable)."""
+        want = self.config.fused_kernels
+        if want and not DK.usable(x):
+            raise RuntimeError(f"focus: fused_kernels=True needs a CUDA device (or TRITON_INTERPRET=1), got a "
+                               f"{x.device.type} tensor (fused_kernels=None falls back to the eager kernels)")
+        return (x.is_cuda and DK.usable(x)) if want is None else want
+
+    def _dedup_or_dense(self, key: tuple, removed: int, M: int, plan=None, draft=None):
         """A matched point: deduplicated when its exact duplicate fraction reaches `min_dedup_fraction` and its
         layer's first point did; the plan's shapes come from `removed` (no sync)."""
         gemm, layer = key
@@ -662,7 +679,7 @@ class AttachedFocus:
             self.stats.dedup_rows[key] = [M, M]
             return None
         if plan is None:
-            plan = S.dedup_plan(m.root, removed)
+            plan = draft.finish(removed)
         self.stats.dedup_rows[key] = [M - removed, M]
         return plan
 

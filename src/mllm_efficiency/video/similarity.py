@@ -13,6 +13,8 @@ import dataclasses
 
 import torch
 
+from . import dedup_kernels as DK
+
 ZERO_CODE = 255  # lean-trace code of an all-zero vector
 
 
@@ -286,11 +288,12 @@ def _nonzero_rows(x2d: torch.Tensor) -> torch.Tensor:
 
 
 def _choose(x2d: torch.Tensor, nb, rows: torch.Tensor, cand: torch.Tensor, nonzero, *, threshold: float,
-            m_size: int, tiled: bool | None = None) -> torch.Tensor:
+            m_size: int, tiled: bool | None = None, fused: bool = False) -> torch.Tensor:
     """(len(rows),) long code of `rows` (their candidates `cand`): 0 unique, 1..K the chosen candidate.
     `match_vectors(vector_size=0)`'s fp32 arithmetic per row, strict `>` threshold, first offset wins ties.
     `nb`: a `RowNeighbours` or `RowCandidates` (its slots); `tiled` overrides `nb.tiled` (tile masking where it
-    cannot act changes nothing)."""
+    cannot act changes nothing). `fused`: the cosines in one Triton pass (`dedup_kernels.choose_codes`; fp32
+    accumulation in another order, so a cosine within rounding of the threshold may decide otherwise)."""
     P, C = rows.numel(), x2d.shape[1]
     dev = x2d.device
     ok = cand >= 0
@@ -301,6 +304,8 @@ def _choose(x2d: torch.Tensor, nb, rows: torch.Tensor, cand: torch.Tensor, nonze
         before = torch.cumsum(per_slot, 0) - per_slot
         tile = (before[nb.slot] - before[nb.base]) // m_size
         ok &= tile[safe] == tile[rows, None]
+    if fused:
+        return DK.choose_codes(x2d, rows, torch.where(ok, cand, -1), threshold)
     v = x2d.index_select(0, rows).float().view(P, 1, C)
     norm = v.norm(dim=-1)  # (P, 1)
     best = choice = None  # both start at 0: "better" is a cosine > 0 first
@@ -323,7 +328,8 @@ def _choose(x2d: torch.Tensor, nb, rows: torch.Tensor, cand: torch.Tensor, nonze
 
 
 def match_rows(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size: int = -1,
-               code: torch.Tensor | None = None, nonzero: torch.Tensor | None = None) -> RowMatching:
+               code: torch.Tensor | None = None, nonzero: torch.Tensor | None = None,
+               fused: bool = False) -> RowMatching:
     """`match_vectors(vector_size=0)` + `roots_from_codes` restricted to the rows that have a candidate: the same
     fp32 cosines (same arithmetic per row), strict `>` threshold, first offset wins ties, tile masking, pointer
     jumping with a fixed round count (no host sync). `code` (and `nonzero`): the rows' codes when already chosen
@@ -332,7 +338,7 @@ def match_rows(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size
     if nonzero is None:
         nonzero = _nonzero_rows(x2d)
     if code is None:
-        code = _choose(x2d, nb, nb.rows, nb.cand, nonzero, threshold=threshold, m_size=m_size)
+        code = _choose(x2d, nb, nb.rows, nb.cand, nonzero, threshold=threshold, m_size=m_size, fused=fused)
     target = nb.cand.gather(1, (code - 1).clamp_min(0)[:, None])[:, 0]
     ptr = torch.arange(M, device=x2d.device).index_copy_(0, nb.rows, torch.where(code > 0, target, nb.rows))
     for _ in range(nb.jumps):
@@ -340,21 +346,23 @@ def match_rows(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size
     return RowMatching(code, ptr, nonzero)
 
 
-def count_duplicates(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size: int = -1):
+def count_duplicates(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size: int = -1,
+                     fused: bool = False):
     """(0-dim count of duplicate rows among the matched ones, rows matched, whether that is every row with a
     candidate). Matches only `nb.sample` (at most `SAMPLE_ROWS` evenly spread rows) when the table has one:
     the duplicate fraction of the input is then estimated as count / matched * P / M. No host sync."""
     if nb.sample is None:
         code = _choose(x2d, nb, nb.rows, nb.cand, _nonzero_rows(x2d) if nb.tiled else None, threshold=threshold,
-                       m_size=m_size)
+                       m_size=m_size, fused=fused)
         return (code > 0).sum(), nb.rows.numel(), True
     rows, cand = nb.rows[nb.sample], nb.cand[nb.sample]
     code = _choose(x2d, nb, rows, cand, _nonzero_rows(x2d) if nb.tiled else None, threshold=threshold,
-                   m_size=m_size)
+                   m_size=m_size, fused=fused)
     return (code > 0).sum(), rows.numel(), False
 
 
-def sample_duplicates(x2d: torch.Tensor, c: RowCandidates, *, threshold: float, m_size: int = -1):
+def sample_duplicates(x2d: torch.Tensor, c: RowCandidates, *, threshold: float, m_size: int = -1,
+                      fused: bool = False):
     """`count_duplicates` on a table not compacted yet (P still on the device): the same `SAMPLE_ROWS` rows
     (positions i * P // SAMPLE_ROWS among the rows with a candidate; every one of them when P <= SAMPLE_ROWS),
     found with `searchsorted` instead of the compaction. No host sync. Returns (0-dim count, codes
@@ -370,7 +378,7 @@ def sample_duplicates(x2d: torch.Tensor, c: RowCandidates, *, threshold: float, 
     cand = torch.where(valid[:, None], c.cand.index_select(0, rows), -1)
     tiled = m_size >= 0  # `most` is not known yet: masking where it cannot act changes nothing
     nonzero = _nonzero_rows(x2d) if tiled else None
-    code = _choose(x2d, c, rows, cand, nonzero, threshold=threshold, m_size=m_size, tiled=tiled)
+    code = _choose(x2d, c, rows, cand, nonzero, threshold=threshold, m_size=m_size, tiled=tiled, fused=fused)
     return (code > 0).sum(), code, nonzero
 
 
@@ -382,6 +390,10 @@ class DedupPlan:
     expand: torch.Tensor  # long (M,) position in `unique` of every row's root
     root: torch.Tensor  # long (M,) root row of every row (own index for text / unique rows)
     dups: torch.Tensor | None = None  # long (M - U,) the other rows, ascending
+    # the groups as lists (`dedup_kernels.group_means`): group g is members[starts[g] : starts[g] + sizes[g]]
+    members: torch.Tensor | None = None  # long (M,) every row, by group, ascending within a group (root first)
+    starts: torch.Tensor | None = None  # long (U,)
+    sizes: torch.Tensor | None = None  # long (U,)
 
     @property
     def removed(self) -> int:
@@ -395,21 +407,56 @@ def _compact(mask: torch.Tensor, rank: torch.Tensor, n: int) -> torch.Tensor:
     return out.scatter_(0, torch.where(mask, rank, n), idx)[:n]
 
 
-def dedup_plan(root: torch.Tensor, removed: int | None = None) -> DedupPlan:
+@dataclasses.dataclass
+class PlanDraft:
+    """Everything of a `DedupPlan` that does not need the unique-row count U on the host, so that it is queued
+    before the host sync that reads U; `finish` only slices."""
+
+    order: torch.Tensor  # long (M,): the roots (ascending), then the other rows (ascending)
+    expand: torch.Tensor
+    root: torch.Tensor
+    is_root: torch.Tensor
+    members: torch.Tensor | None = None
+    starts: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, root: torch.Tensor, lists: bool = False) -> "PlanDraft":
+        """`lists`: also the member lists of `dedup_kernels.group_means` (sized M: the first U entries are the
+        groups')."""
+        M = root.numel()
+        ar = torch.arange(M, device=root.device)
+        is_root = root == ar
+        rank = torch.cumsum(is_root, 0) - 1  # position among the roots (valid at roots)
+        U = rank[-1:] + 1  # on the device
+        # a root goes to its rank, another row to U + its position among the others (i - rank - 1)
+        order = torch.empty(M, dtype=torch.long, device=root.device).scatter_(
+            0, torch.where(is_root, rank, ar + U - 1 - rank), ar)
+        expand = rank[root]
+        draft = cls(order, expand, root, is_root)
+        if lists:
+            draft.sizes = torch.zeros(M, dtype=torch.long, device=root.device).index_add_(
+                0, expand, torch.ones_like(expand))
+            draft.starts = torch.cumsum(draft.sizes, 0) - draft.sizes
+            draft.members = torch.sort(expand, stable=True).indices
+        return draft
+
+    def finish(self, removed: int | None = None) -> DedupPlan:
+        """The plan, given the count of rows that are not roots (counted here, a host sync, when None)."""
+        M = self.root.numel()
+        if removed is None:
+            removed = M - int(self.is_root.sum())
+        U = M - removed
+        lists = self.members is not None
+        return DedupPlan(self.order[:U], self.expand, self.root, self.order[U:], self.members if lists else None,
+                         self.starts[:U] if lists else None, self.sizes[:U] if lists else None)
+
+
+def dedup_plan(root: torch.Tensor, removed: int | None = None, lists: bool = False) -> DedupPlan:
     """From per-row roots (a root points at itself) build the gather/scatter plan. Pass `removed` (rows that are
     not roots) when already known to avoid the host sync that counting it costs. One scatter orders the rows:
-    the roots (ascending), then the others (ascending)."""
-    M = root.numel()
-    ar = torch.arange(M, device=root.device)
-    is_root = root == ar
-    if removed is None:
-        removed = M - int(is_root.sum())
-    U = M - removed
-    rank = torch.cumsum(is_root, 0) - 1  # position among the roots (valid at roots)
-    # a root goes to its rank, another row to U + its position among the others (i - rank - 1)
-    order = torch.empty(M, dtype=torch.long, device=root.device).scatter_(
-        0, torch.where(is_root, rank, ar + (U - 1) - rank), ar)
-    return DedupPlan(order[:U], rank[root], root, order[U:])
+    the roots (ascending), then the others (ascending). `lists`: with the member lists of the fused means."""
+    return PlanDraft.of(root, lists).finish(removed)
 
 
 def group_means_rows(x2d: torch.Tensor, plan: DedupPlan) -> torch.Tensor:
@@ -417,8 +464,11 @@ def group_means_rows(x2d: torch.Tensor, plan: DedupPlan) -> torch.Tensor:
 
     Singleton groups are the rows themselves; only the groups with members are accumulated (root, then the
     members in row order: the fp32 sums of accumulating every row in row order), so the cost is O(U + 3 * removed)
-    rows rather than O(M) fp32 rows. No host sync when the plan carries its `dups`."""
+    rows rather than O(M) fp32 rows. No host sync when the plan carries its `dups`. With member lists (a plan
+    built with `lists=True`) one fused kernel reads every row once and writes the U means."""
     U = plan.unique.numel()
+    if plan.members is not None and U < plan.root.numel():
+        return DK.group_means(x2d, plan.members, plan.starts, plan.sizes, U)
     dups = plan.dups
     if dups is None:
         dups = (plan.root != torch.arange(plan.root.numel(), device=plan.root.device)).nonzero().flatten()

@@ -1,0 +1,119 @@
+"""Fused Triton kernels of the token_dedup fast path (VIDEO.md section 4.2): what eager PyTorch does in many
+full-width fp32 passes, one pass over the GEMM input in its own dtype.
+
+- `choose_codes`: per row, the cosine to each of its K candidate rows (fp32 accumulation of the norms and dot
+  products read once from the bf16/fp16 rows), the best candidate (first wins ties), strict `>` threshold; the
+  eager `similarity._choose` semantics with another summation order (cosines equal up to fp32 rounding).
+- `group_means`: the mean of every duplicate group (fp32 sums in row order, root first, cast back), written
+  straight to the compact (U, C) GEMM input: one read of the group's rows, one write of the mean.
+
+Used on CUDA when Triton imports; on CPU only under Triton's interpreter (`TRITON_INTERPRET=1`, for tests).
+The kernels are compiled on first use, so that the interpreter setting in force then is the one that counts.
+"""
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the eager path is used
+    triton = tl = None
+constexpr = tl.constexpr if tl is not None else object  # kernel annotations (evaluated at definition)
+
+BLOCK = 1024  # channels per step of a row loop (C up to the MLP width: 18,944 for a 7B -> 19 steps)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def usable(x: torch.Tensor) -> bool:
+    """The fused kernels can run on `x`: Triton imports and `x` is on a CUDA device (any device when
+    interpreting) in a floating dtype."""
+    if triton is None or not x.is_floating_point():
+        return False
+    return x.is_cuda or interpreting()
+
+
+def _choose_kernel(x_ptr, rows_ptr, cand_ptr, code_ptr, C, stride, threshold,
+                   K: constexpr, KP: constexpr, BLOCK: constexpr):
+    p = tl.program_id(0)
+    row = tl.load(rows_ptr + p)
+    ks = tl.arange(0, KP)
+    cand = tl.load(cand_ptr + p * K + ks, mask=ks < K, other=-1)
+    has = cand >= 0
+    safe = tl.where(has, cand, 0)
+    acc_n = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_d = tl.zeros([KP, BLOCK], dtype=tl.float32)
+    acc_c = tl.zeros([KP, BLOCK], dtype=tl.float32)
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < C
+        v = tl.load(x_ptr + row * stride + cols, mask=inside, other=0.0).to(tl.float32)
+        c = tl.load(x_ptr + safe[:, None] * stride + cols[None, :], mask=has[:, None] & inside[None, :],
+                    other=0.0).to(tl.float32)
+        acc_n += v * v
+        acc_d += c * v[None, :]
+        acc_c += c * c
+    norm = tl.sqrt_rn(tl.sum(acc_n, axis=0))  # IEEE-rounded sqrt and division, as torch's
+    denom = norm * tl.sqrt_rn(tl.sum(acc_c, axis=1))
+    cos = tl.minimum(tl.div_rn(tl.sum(acc_d, axis=1), tl.maximum(denom, 1e-30)), 1.0)
+    cos = tl.where(has & (denom > 0), cos, 0.0)
+    best = tl.max(cos, axis=0)
+    first = tl.min(tl.where(cos == best, ks, KP), axis=0)  # the first candidate reaching the best cosine
+    code = tl.where((best > threshold) & (best > 0) & (norm > 0), first + 1, 0)
+    tl.store(code_ptr + p, code.to(tl.int64))
+
+
+def _mean_kernel(x_ptr, out_ptr, members_ptr, starts_ptr, sizes_ptr, C, stride, BLOCK: constexpr):
+    g = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < C
+    start = tl.load(starts_ptr + g)
+    size = tl.load(sizes_ptr + g)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, size):
+        row = tl.load(members_ptr + start + j)
+        acc += tl.load(x_ptr + row * stride + cols, mask=inside, other=0.0).to(tl.float32)
+    mean = tl.div_rn(acc, tl.zeros([BLOCK], dtype=tl.float32) + size.to(tl.float32))  # IEEE-rounded, as torch
+    tl.store(out_ptr + g * C + cols, mean.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@functools.lru_cache(maxsize=2)
+def _kernels(interpret: bool):
+    del interpret  # the cache key: triton.jit reads the interpreter setting when it wraps
+    return triton.jit(_choose_kernel), triton.jit(_mean_kernel)
+
+
+def _rows_contiguous(x2d: torch.Tensor) -> torch.Tensor:
+    return x2d if x2d.stride(1) == 1 else x2d.contiguous()
+
+
+def choose_codes(x2d: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(P,) long: 0 unique, 1..K the chosen candidate of each of `rows`; `cand` (P, K) long, -1 = absent (masked
+    candidates included). A row matches when its best cosine is > `threshold` and > 0 and the row is not zero."""
+    x2d = _rows_contiguous(x2d)
+    P, K = cand.shape
+    code = torch.zeros(P, dtype=torch.long, device=x2d.device)
+    if P == 0 or K == 0:
+        return code
+    choose, _ = _kernels(interpreting())
+    choose[(P,)](x2d, rows.contiguous(), cand.contiguous(), code, x2d.shape[1], x2d.stride(0), float(threshold),
+                 K=K, KP=triton.next_power_of_2(K), BLOCK=BLOCK)
+    return code
+
+
+def group_means(x2d: torch.Tensor, members: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor,
+                groups: int) -> torch.Tensor:
+    """(groups, C) in x2d's dtype: row g is the mean of rows members[starts[g] : starts[g] + sizes[g]]."""
+    x2d = _rows_contiguous(x2d)
+    C = x2d.shape[1]
+    # the interpreter truncates fp32 -> bf16 stores: there the means are stored in fp32 and rounded by torch
+    interpret = interpreting()
+    out = torch.empty(groups, C, dtype=torch.float32 if interpret else x2d.dtype, device=x2d.device)
+    if groups > 0:
+        _, mean = _kernels(interpret)
+        mean[(groups, triton.cdiv(C, BLOCK))](x2d, out, members, starts, sizes, C, x2d.stride(0), BLOCK=BLOCK)
+    return out.to(x2d.dtype)
