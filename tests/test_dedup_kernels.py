@@ -120,7 +120,9 @@ def _logits(model, p):
 
 @pytest.mark.parametrize("cfg", [dict(selected_layers=(1,), alpha_list=(0.5,), similarity_threshold=0.3),
                                  dict(selected_layers=(1,), alpha_list=(0.6,), similarity_threshold=0.2,
-                                      block_size=2, gemm_m_size=5)])
+                                      block_size=2, gemm_m_size=5),
+                                 dict(selected_layers=(0, 1), alpha_list=(0.7, 0.5), similarity_threshold=0.2,
+                                      gemms=("q_proj", "gate_proj", "down_proj"), whole_mlp=True)])
 def test_focus_token_dedup_fused_equals_eager(dev, ov, ov_prompt, cfg):
     """The whole prefill with the fused kernels: the same rows deduplicated at every point as the eager path,
     the same logits up to the order of fp32 sums in the cosines."""
@@ -151,3 +153,30 @@ def test_fused_kernels_setting_is_checked(ov, ov_prompt, monkeypatch):
                   selected_layers=(1,), alpha_list=(0.5,), similarity_threshold=0.3):
         with pytest.raises(RuntimeError, match="fused_kernels=True needs a CUDA device"):
             _logits(ov, ov_prompt)
+
+
+def test_choose_roots_equal_eager_roots_and_count(dev):
+    """Links to earlier rows only (as the candidate tables): chains of copies resolve to their first row."""
+    M, C = 150, 300
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(M, C, generator=g)
+    for i in range(10, M, 3):  # chains: row i repeats row i - 10 (itself maybe a repeat)
+        x[i] = x[i - 10] + 0.05 * torch.randn(C, generator=g)
+    x = x.to(torch.bfloat16)
+    rows = torch.arange(10, M)
+    cand = torch.stack([rows - 10, rows - 1, torch.where(rows % 2 == 0, rows - 3, -1)], 1)
+    eager_code = S._choose(x, _Untiled, rows, cand, None, threshold=0.9, m_size=-1)
+    link = torch.arange(M)
+    link[rows] = torch.where(eager_code > 0, cand.gather(1, (eager_code - 1).clamp_min(0)[:, None])[:, 0], rows)
+    eager_root = link.clone()
+    for _ in range(8):
+        eager_root = eager_root[eager_root]
+    root, count = DK.choose_roots(x.to(dev), rows.to(dev), cand.to(dev), 0.9)
+    assert torch.equal(root.cpu(), eager_root)
+    assert int(count) == int((eager_code > 0).sum()) > 20
+    copies = torch.zeros(M, dtype=torch.bool)
+    copies[10::3] = True
+    linked = eager_root != torch.arange(M)
+    assert copies[linked].all() and not copies[eager_root].any()  # each copy leads to an original
+    empty_root, none = DK.choose_roots(x.to(dev), rows[:0].to(dev), cand[:0].to(dev), 0.9)
+    assert torch.equal(empty_root.cpu(), torch.arange(M)) and int(none) == 0

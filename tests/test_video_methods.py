@@ -543,3 +543,36 @@ def test_bad_hyperparameters_are_rejected(ov, name, cfg, field):
 def test_selected_layer_beyond_model_is_rejected(ov):
     with pytest.raises(ConfigError, match=r"selected_layers\[1\] must be in \[0, 2\]"):
         me.apply(ov, "focus")  # default schedule (2, 5, ...) does not fit 4 layers
+
+
+@pytest.mark.parametrize("cfg", [dict(selected_layers=(1,), alpha_list=(0.5,), similarity_threshold=0.3),
+                                 dict(selected_layers=(0, 1), alpha_list=(0.7, 0.5), similarity_threshold=0.2,
+                                      block_size=2, gemm_m_size=5)])
+def test_whole_mlp_equals_gate_up_dedup(ov, ov_prompt, cfg):
+    """whole_mlp runs gate, up and down on the gate/up point's unique rows once: the same output as deduplicating
+    gate/up alone (down's input rows are then equal within each group), the same rows computed at gate/up, and
+    down_proj credited with them; selected layers' compacted MLPs (mid_layer) included."""
+    cfg = dict(cfg, sic_mode="token_dedup", min_dedup_fraction=0.0)
+    vanilla = _logits(ov, ov_prompt)
+    with me.apply(ov, "focus", gemms=("gate_proj",), **cfg) as h:
+        ref, ref_rows = _logits(ov, ov_prompt), dict(h.stats.dedup_rows)
+    calls = {"n": 0}
+    with me.apply(ov, "focus", gemms=("gate_proj", "down_proj"), whole_mlp=True, **cfg) as h:
+        down = h._attached.adapter.layers[2].mlp.down_proj
+        hk = down.register_forward_hook(lambda m, a, o: calls.__setitem__("n", a[0].shape[1]))
+        out = _logits(ov, ov_prompt)
+        hk.remove()
+        rows = dict(h.stats.dedup_rows)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert {k: v for k, v in rows.items() if k[0] == "gate_proj"} == ref_rows
+    assert all(rows[("down_proj", l)] == v for (g, l), v in ref_rows.items())
+    assert sum(t - c for c, t in ref_rows.values()) > 0
+    assert calls["n"] == rows[("gate_proj", 2)][0]  # down_proj ran on the unique rows only
+    assert torch.equal(_logits(ov, ov_prompt), vanilla)  # the MLP hooks are gone
+
+
+def test_whole_mlp_settings_are_checked(ov):
+    with pytest.raises(ConfigError, match="whole_mlp"):
+        me.apply(ov, "focus", whole_mlp=True)  # emulate
+    with pytest.raises(ConfigError, match="whole_mlp"):
+        me.apply(ov, "focus", sic_mode="token_dedup", whole_mlp=True, gemms=("q_proj",))

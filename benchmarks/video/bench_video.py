@@ -158,10 +158,11 @@ def arms(T: int, frames: int):
             # the same with the eager (unfused) matching and group means: what the Triton kernels save
             ("focus_sec_dedup_eager_ffmatch", "focus", dict(video, sic_mode="token_dedup", similarity_threshold=0.9,
                                                             fused_kernels=False, **common)),
-            # token_dedup on the MLP input only (gate/up share it): the one GEMM point wide enough to pay for
-            # its matching at 7B shapes (docs/video.md)
+            # token_dedup of the MLP only, whole (`whole_mlp`): gate, up and down run once on the unique rows of
+            # the MLP input; the attention projections, 8x narrower than the MLP at 7B shapes, run dense
             ("focus_sec_dedup_mlp_ffmatch", "focus", dict(video, sic_mode="token_dedup", similarity_threshold=0.9,
-                                                          gemms=("gate_proj",), **common)),
+                                                          gemms=("gate_proj", "down_proj"), whole_mlp=True,
+                                                          **common)),
             ("adaptiv", "adaptiv", dict(threshold=0.5, **common)),
             ("cmc_emulation", "cmc", dict(**common))]
 

@@ -37,8 +37,8 @@ def usable(x: torch.Tensor) -> bool:
     return x.is_cuda or interpreting()
 
 
-def _choose_kernel(x_ptr, rows_ptr, cand_ptr, code_ptr, C, stride, threshold,
-                   K: constexpr, KP: constexpr, BLOCK: constexpr):
+def _choose_kernel(x_ptr, rows_ptr, cand_ptr, code_ptr, ptr_ptr, count_ptr, C, stride, threshold,
+                   K: constexpr, KP: constexpr, BLOCK: constexpr, LINK: constexpr):
     p = tl.program_id(0)
     row = tl.load(rows_ptr + p)
     ks = tl.arange(0, KP)
@@ -64,7 +64,24 @@ def _choose_kernel(x_ptr, rows_ptr, cand_ptr, code_ptr, C, stride, threshold,
     best = tl.max(cos, axis=0)
     first = tl.min(tl.where(cos == best, ks, KP), axis=0)  # the first candidate reaching the best cosine
     code = tl.where((best > threshold) & (best > 0) & (norm > 0), first + 1, 0)
-    tl.store(code_ptr + p, code.to(tl.int64))
+    if LINK:  # the row's link (its chosen candidate, or itself) and the count of linked rows
+        target = tl.sum(tl.where(ks == first, safe, 0), axis=0)
+        tl.store(ptr_ptr + row, tl.where(code > 0, target, row).to(tl.int64))
+        tl.atomic_add(count_ptr, (code > 0).to(tl.int64))
+    else:
+        tl.store(code_ptr + p, code.to(tl.int64))
+
+
+def _root_kernel(link_ptr, root_ptr, M, BLOCK: constexpr):
+    """Follows every row's links to the end of its chain (links point at earlier rows: chains end)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < M
+    at = tl.load(link_ptr + offs, mask=inside, other=0)
+    nxt = tl.load(link_ptr + at, mask=inside, other=0)
+    while tl.max((nxt != at).to(tl.int32), axis=0) > 0:
+        at = nxt
+        nxt = tl.load(link_ptr + at, mask=inside, other=0)
+    tl.store(root_ptr + offs, at, mask=inside)
 
 
 def _mean_kernel(x_ptr, out_ptr, members_ptr, starts_ptr, sizes_ptr, C, stride, BLOCK: constexpr):
@@ -84,7 +101,7 @@ def _mean_kernel(x_ptr, out_ptr, members_ptr, starts_ptr, sizes_ptr, C, stride, 
 @functools.lru_cache(maxsize=2)
 def _kernels(interpret: bool):
     del interpret  # the cache key: triton.jit reads the interpreter setting when it wraps
-    return triton.jit(_choose_kernel), triton.jit(_mean_kernel)
+    return triton.jit(_choose_kernel), triton.jit(_mean_kernel), triton.jit(_root_kernel)
 
 
 def _rows_contiguous(x2d: torch.Tensor) -> torch.Tensor:
@@ -99,10 +116,28 @@ def choose_codes(x2d: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor, thre
     code = torch.zeros(P, dtype=torch.long, device=x2d.device)
     if P == 0 or K == 0:
         return code
-    choose, _ = _kernels(interpreting())
-    choose[(P,)](x2d, rows.contiguous(), cand.contiguous(), code, x2d.shape[1], x2d.stride(0), float(threshold),
-                 K=K, KP=triton.next_power_of_2(K), BLOCK=BLOCK)
+    choose = _kernels(interpreting())[0]
+    choose[(P,)](x2d, rows.contiguous(), cand.contiguous(), code, code, code, x2d.shape[1], x2d.stride(0),
+                 float(threshold), K=K, KP=triton.next_power_of_2(K), BLOCK=BLOCK, LINK=False)
     return code
+
+
+def choose_roots(x2d: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor, threshold: float):
+    """`choose_codes` on `rows`, then every row's group root (M,) (a row without a match is its own root) and the
+    count of matched rows (0-dim, on the device): two kernels, no host sync. Candidates must be earlier rows."""
+    x2d = _rows_contiguous(x2d)
+    M = x2d.shape[0]
+    P, K = cand.shape
+    choose, _, root_of = _kernels(interpreting())
+    link = torch.arange(M, device=x2d.device)
+    count = torch.zeros(1, dtype=torch.long, device=x2d.device)
+    if P and K:
+        choose[(P,)](x2d, rows.contiguous(), cand.contiguous(), link, link, count, x2d.shape[1], x2d.stride(0),
+                     float(threshold), K=K, KP=triton.next_power_of_2(K), BLOCK=BLOCK, LINK=True)
+    root = torch.empty_like(link)
+    if M:
+        root_of[(triton.cdiv(M, BLOCK),)](link, root, M, BLOCK=BLOCK)
+    return root, count[0]
 
 
 def group_means(x2d: torch.Tensor, members: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor,
@@ -114,6 +149,6 @@ def group_means(x2d: torch.Tensor, members: torch.Tensor, starts: torch.Tensor, 
     interpret = interpreting()
     out = torch.empty(groups, C, dtype=torch.float32 if interpret else x2d.dtype, device=x2d.device)
     if groups > 0:
-        _, mean = _kernels(interpret)
+        mean = _kernels(interpret)[1]
         mean[(groups, triton.cdiv(C, BLOCK))](x2d, out, members, starts, sizes, C, x2d.stride(0), BLOCK=BLOCK)
     return out.to(x2d.dtype)

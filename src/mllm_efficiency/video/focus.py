@@ -64,6 +64,7 @@ class FocusConfig(MethodConfig):
     mask_row_wrap: bool = False
     min_dedup_fraction: float = 0.15  # token_dedup: duplicate-row fraction below which GEMMs run dense
     fused_kernels: bool | None = None  # token_dedup: Triton matching / group means (None: on CUDA with Triton)
+    whole_mlp: bool = False  # token_dedup: the gate/up groups carry through the MLP (down_proj not matched)
     placement: str = "mid_layer"
     frames: int | None = None  # frame count when the processor's grid information is not available
     record_trace: bool = False
@@ -104,6 +105,9 @@ class FocusConfig(MethodConfig):
             check_int("frames", self.frames, 1)
         if self.fused_kernels not in (None, True, False):
             raise ConfigError(f"fused_kernels must be None (auto), True or False, got {self.fused_kernels!r}")
+        if self.whole_mlp and (self.sic_mode != "token_dedup" or "gate_proj" not in self.gemms):
+            raise ConfigError("whole_mlp needs sic_mode='token_dedup' with 'gate_proj' in gemms, got "
+                              f"sic_mode={self.sic_mode!r}, gemms={list(self.gemms)}")
         if self.fused_kernels and DK.triton is None:
             raise ConfigError("fused_kernels=True needs Triton (pip install triton); use None (auto) or False")
 
@@ -286,6 +290,7 @@ class AttachedFocus:
         if self.engine is None:  # no SEC stage: the engine still gives the prefill bookkeeping
             self.steps = [DelegateStep(self, 0, None, tag=None)]
             self.engine = PruningEngine.attach(model, adapter, self.steps[0])
+        self._whole: tuple | None = None  # whole_mlp: (layer, plan, B, L) of the MLP running on its unique rows
         self._wrapped: list[tuple[nn.Module, str, nn.Module]] = []
         self._sites: list[Site] = []
         self._handles = [adapter.text_model.register_forward_pre_hook(self._on_text_model, with_kwargs=True),
@@ -306,8 +311,17 @@ class AttachedFocus:
     # ----------------------------------------------------------------- wrapping
     def _wrap_linears(self) -> None:
         gemms = self.config.active_gemms
+        if self.config.whole_mlp:
+            gemms = tuple(g for g in gemms if g not in MLP_GEMMS)
         for i, layer in enumerate(self.adapter.layers):
             attn, mlp = layer.self_attn, getattr(layer, "mlp", None)
+            if self.config.whole_mlp:
+                if not (isinstance(mlp, nn.Module) and all(isinstance(getattr(mlp, n, None), nn.Module)
+                                                           for n in ("gate_proj", "up_proj", "down_proj"))):
+                    raise NotImplementedError(f"focus whole_mlp: layer {i} has no gate/up/down MLP")
+                # after the mid-layer compaction's pre-hook, and undone before its scatter (prepend)
+                self._handles += [mlp.register_forward_pre_hook(self._whole_mlp_in(i)),
+                                  mlp.register_forward_hook(self._whole_mlp_out(i), prepend=True)]
             plan = {"q_proj": (attn, ("q_proj", "k_proj", "v_proj")), "o_proj": (attn, ("o_proj",)),
                     "gate_proj": (mlp, ("gate_proj", "up_proj")), "down_proj": (mlp, ("down_proj",))}
             for gemm, (parent, names) in plan.items():
@@ -340,6 +354,7 @@ class AttachedFocus:
         for site in self._sites:
             site.reset()
         self._active = None
+        self._whole = None
         self._mlp_plan.clear()
         self._mlp_live = None
         self._kept.clear()
@@ -505,6 +520,38 @@ class AttachedFocus:
 
         return hook
 
+    def _whole_mlp_in(self, layer: int):
+        """whole_mlp: the MLP input's gate/up point; when deduplicated the MLP runs on its U group means."""
+        def hook(module, args):
+            self._whole = None
+            if not self.sic_live or not args or args[0].dim() != 3 or args[0].shape[1] < 2:
+                return None
+            if self._active is not None:  # the attention's cached site input is no longer needed
+                self._active.reset()
+                self._active = None
+            x = args[0]
+            B, L, C = x.shape
+            plan = self.prepare_site(x, layer, "gate_proj")
+            for stats in (self.stats.dedup_rows, self.stats.duplicates):
+                if ("gate_proj", layer) in stats:
+                    stats[("down_proj", layer)] = list(stats[("gate_proj", layer)])
+            if plan is None:
+                return None
+            self._whole = (layer, plan, B, L)
+            return (S.group_means_rows(x.reshape(B * L, C), plan)[None],) + tuple(args[1:])
+
+        return hook
+
+    def _whole_mlp_out(self, layer: int):
+        def hook(module, args, output):
+            whole, self._whole = self._whole, None
+            if whole is None or whole[0] != layer:
+                return None
+            _, plan, B, L = whole
+            return output[0].index_select(0, plan.expand).view(B, L, output.shape[-1])
+
+        return hook
+
     def step_finish(self, step, req, cache_lengths) -> None:
         if step is self.steps[-1]:
             self.stats.cache_lengths = cache_lengths
@@ -643,7 +690,8 @@ class AttachedFocus:
                 self._stage_dedup[stage] = estimate is None or estimate >= cfg.min_dedup_fraction
             else:
                 nb = self.neighbours(layer, mlp, B, L, x.device)
-                estimate = self._layer_sample(x2d, nb)
+                # fused matching costs about what a sampled estimate does: the exact fraction decides instead
+                estimate = None if self._fused(x2d) else self._layer_sample(x2d, nb)
             if estimate is not None and estimate < cfg.min_dedup_fraction:
                 self._layer_dedup[layer] = False
                 self.stats.duplicates[key] = [round(estimate * M), M]
@@ -655,7 +703,8 @@ class AttachedFocus:
         m = S.match_rows(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size,
                          code=exact[1] if exact else None, nonzero=exact[2] if exact else None, fused=fused)
         count = m.removed()
-        self._counts.append((key, torch.stack([count, (nb.live & m.nonzero).sum()]), nb.n_grid))
+        live_nonzero = nb.fused_table(cfg.gemm_m_size)[1] if m.nonzero is None else (nb.live & m.nonzero).sum()
+        self._counts.append((key, torch.stack([count, live_nonzero]), nb.n_grid))
         draft = S.PlanDraft.of(m.root, lists=fused)  # queued before the sync: after it only the GEMM is launched
         removed = exact[0] if exact else int(count)  # the host sync of this point (the plan's shapes need it)
         return self._dedup_or_dense(key, removed, M, draft=draft)

@@ -165,6 +165,23 @@ class RowNeighbours:
     n_grid: int  # grid tokens of the original grids, all samples (the denominator of the sparsity counts)
     tiled: bool  # False when no sample has more than `m_size` live tokens (tile masking cannot act)
     sample: torch.Tensor | None = None  # long (S,): evenly spread positions in `rows` (None: S = P, exact)
+    _fused: tuple | None = None  # (m_size, candidates with the tile mask folded in, live count): `fused_table`
+
+    def fused_table(self, m_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the fused matching of every GEMM input on this kept set shares: (cand (P, K) with the M-tile mask
+        folded in as -1, 0-dim count of live rows). Its M-tiles count the live rows, all-zero or not (the eager
+        path leaves all-zero rows out of the count; a normed hidden state is never all-zero)."""
+        if self._fused is None or self._fused[0] != m_size:
+            cand = self.cand
+            if self.tiled:
+                dev = cand.device
+                per_slot = torch.zeros(self.n_slots, dtype=torch.long, device=dev)
+                per_slot[self.slot] = self.live.long()
+                before = torch.cumsum(per_slot, 0) - per_slot
+                tile = (before[self.slot] - before[self.base]) // m_size
+                cand = torch.where((cand >= 0) & (tile[cand.clamp_min(0)] == tile[self.rows, None]), cand, -1)
+            self._fused = (m_size, cand, self.live.sum())
+        return self._fused[1], self._fused[2]
 
 
 SAMPLE_ROWS = 512  # rows matched to estimate a GEMM input's duplicate fraction (`count_duplicates`)
@@ -272,13 +289,14 @@ def row_neighbours(grid: torch.Tensor, alive: torch.Tensor, grids, *, frame_bloc
 class RowMatching:
     """Whole-token matching of the rows of a flattened GEMM input (no host sync)."""
 
-    code: torch.Tensor  # long (P,): per row of `RowNeighbours.rows`, 0 unique, 1..K chosen candidate
+    code: torch.Tensor | None  # long (P,): per row of `RowNeighbours.rows`, 0 unique, 1..K chosen candidate
     root: torch.Tensor  # long (M,): flat row of the group root (own index when unique / text / pruned)
-    nonzero: torch.Tensor  # bool (M,): rows that are not all-zero
+    nonzero: torch.Tensor | None  # bool (M,): rows that are not all-zero (None: fused, not computed)
+    count: torch.Tensor | None = None  # 0-dim matched rows when counted by the fused kernel (code is then None)
 
     def removed(self) -> torch.Tensor:
         """0-dim: rows whose GEMM result is another row's (M - unique rows)."""
-        return (self.code > 0).sum()
+        return self.count if self.code is None else (self.code > 0).sum()
 
 
 def _nonzero_rows(x2d: torch.Tensor) -> torch.Tensor:
@@ -333,8 +351,14 @@ def match_rows(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size
     """`match_vectors(vector_size=0)` + `roots_from_codes` restricted to the rows that have a candidate: the same
     fp32 cosines (same arithmetic per row), strict `>` threshold, first offset wins ties, tile masking, pointer
     jumping with a fixed round count (no host sync). `code` (and `nonzero`): the rows' codes when already chosen
-    (`sample_duplicates` on a table it covered), only the roots are then computed."""
+    (`sample_duplicates` on a table it covered), only the roots are then computed. `fused` (and no `code`): the
+    Triton kernels choose, link and resolve the roots and count the matches (`dedup_kernels.choose_roots`; M-tiles
+    as `RowNeighbours.fused_table`); `code` and `nonzero` of the result are then None."""
     M = x2d.shape[0]
+    if fused and code is None:
+        cand, _ = nb.fused_table(m_size)
+        root, count = DK.choose_roots(x2d, nb.rows, cand, threshold)
+        return RowMatching(None, root, None, count)
     if nonzero is None:
         nonzero = _nonzero_rows(x2d)
     if code is None:
