@@ -180,3 +180,23 @@ def test_choose_roots_equal_eager_roots_and_count(dev):
     assert copies[linked].all() and not copies[eager_root].any()  # each copy leads to an original
     empty_root, none = DK.choose_roots(x.to(dev), rows[:0].to(dev), cand[:0].to(dev), 0.9)
     assert torch.equal(empty_root.cpu(), torch.arange(M)) and int(none) == 0
+
+
+@pytest.mark.parametrize("sel,thr,cut", [((1,), 0.3, 1.0), ((2,), 0.2, 0.2), ((0, 2), 0.1, 0.15), ((1,), 0.3, 0.3)])
+def test_fused_decisions_equal_eager_decisions(dev, ov, ov_prompt, sel, thr, cut):
+    """min_dedup_fraction with the fused kernels: every point matched in full, the stage's and each layer's first
+    point decide on their exact fraction. On this tiny model the eager path's samples cover every row (exact
+    too), so both paths take the same decisions: equal statistics, logits up to fp32 rounding."""
+    from test_video_methods import _stage_rule_holds
+
+    if dev == "cuda":
+        ov = copy.deepcopy(ov).to(dev)
+        ov_prompt = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in ov_prompt.items()}
+    cfg = dict(selected_layers=sel, alpha_list=(0.5,) * len(sel), similarity_threshold=thr, min_dedup_fraction=cut)
+    res = []
+    for fused in (False, True):
+        with me.apply(ov, "focus", sic_mode="token_dedup", fused_kernels=fused, **cfg) as h:
+            res.append((_logits(ov, ov_prompt), h.stats.dedup_rows, h.stats.duplicates))
+            _stage_rule_holds(h.stats, sel, cut, 4)
+    assert res[0][1:] == res[1][1:]
+    assert torch.allclose(res[0][0], res[1][0], atol=1e-5, rtol=1e-5)

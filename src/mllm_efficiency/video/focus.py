@@ -639,7 +639,7 @@ class AttachedFocus:
             return nb, self._layer_sample(x2d, nb), None
         c = self._candidates(layer, mlp, B, L, x2d.device)
         found, code, nonzero = S.sample_duplicates(x2d, c, threshold=cfg.similarity_threshold,
-                                                   m_size=cfg.gemm_m_size, fused=self._fused(x2d))
+                                                   m_size=cfg.gemm_m_size)
         P, most, found = torch.cat([c.counts, found[None]]).tolist()  # the stage's one host sync
         exact = P <= S.SAMPLE_ROWS
         estimate = found / M if exact else found * P / (S.SAMPLE_ROWS * M)
@@ -654,8 +654,7 @@ class AttachedFocus:
         if nb.sample is None:
             return None
         cfg = self.config
-        found, matched, _ = S.count_duplicates(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size,
-                                               fused=self._fused(x2d))
+        found, matched, _ = S.count_duplicates(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size)
         return int(found) * nb.rows.numel() / (matched * x2d.shape[0])  # host sync
 
     def prepare_site(self, x: torch.Tensor, layer: int, gemm: str):
@@ -683,6 +682,8 @@ class AttachedFocus:
             return None
         mlp = gemm in MLP_GEMMS
         x2d = x.reshape(M, C)
+        if self._fused(x2d):
+            return self._prepare_fused(x2d, key, stage, mlp, B, L)
         exact = None
         if layer not in self._layer_dedup and cfg.min_dedup_fraction > 0:  # the layer's first point
             if stage not in self._stage_dedup:
@@ -690,8 +691,7 @@ class AttachedFocus:
                 self._stage_dedup[stage] = estimate is None or estimate >= cfg.min_dedup_fraction
             else:
                 nb = self.neighbours(layer, mlp, B, L, x.device)
-                # fused matching costs about what a sampled estimate does: the exact fraction decides instead
-                estimate = None if self._fused(x2d) else self._layer_sample(x2d, nb)
+                estimate = self._layer_sample(x2d, nb)
             if estimate is not None and estimate < cfg.min_dedup_fraction:
                 self._layer_dedup[layer] = False
                 self.stats.duplicates[key] = [round(estimate * M), M]
@@ -699,15 +699,39 @@ class AttachedFocus:
                 return None
         else:
             nb = self.neighbours(layer, mlp, B, L, x.device)
-        fused = self._fused(x2d)
         m = S.match_rows(x2d, nb, threshold=cfg.similarity_threshold, m_size=cfg.gemm_m_size,
-                         code=exact[1] if exact else None, nonzero=exact[2] if exact else None, fused=fused)
+                         code=exact[1] if exact else None, nonzero=exact[2] if exact else None)
         count = m.removed()
-        live_nonzero = nb.fused_table(cfg.gemm_m_size)[1] if m.nonzero is None else (nb.live & m.nonzero).sum()
-        self._counts.append((key, torch.stack([count, live_nonzero]), nb.n_grid))
-        draft = S.PlanDraft.of(m.root, lists=fused)  # queued before the sync: after it only the GEMM is launched
+        self._counts.append((key, torch.stack([count, (nb.live & m.nonzero).sum()]), nb.n_grid))
+        draft = S.PlanDraft.of(m.root)  # queued before the sync: after it only the gathers and the GEMM
         removed = exact[0] if exact else int(count)  # the host sync of this point (the plan's shapes need it)
         return self._dedup_or_dense(key, removed, M, draft=draft)
+
+    def _prepare_fused(self, x2d: torch.Tensor, key: tuple, stage: int, mlp: bool, B: int, L: int):
+        """token_dedup with the Triton kernels: every point is matched in full (one pass over its input), so no
+        sampling: the exact duplicate fraction of a stage's first point decides for the stage (and its layer),
+        that of a layer's first point for the layer. One host sync per matched point; the plan is queued before
+        it where deduplication is expected (inside a deduplicating stage), after it at a stage's first point."""
+        cfg = self.config
+        layer, M = key[1], x2d.shape[0]
+        table = self._fused_candidates(layer, mlp, B, L, x2d.device)
+        root, count = DK.choose_roots(x2d, table.rows, table.cand, cfg.similarity_threshold)
+        self._counts.append((key, torch.stack([count, table.live]), table.n_grid))
+        deciding = stage not in self._stage_dedup
+        draft = None if deciding else S.PlanDraft.of(root, lists=True)
+        removed = int(count)  # the host sync of this point
+        if deciding:
+            self._stage_dedup[stage] = removed / M >= cfg.min_dedup_fraction
+        return self._dedup_or_dense(key, removed, M, draft=draft, root=root)
+
+    def _fused_candidates(self, layer: int, mlp: bool, B: int, L: int, device) -> S.FusedCandidates:
+        """The fused matching's candidate table of the current rows, built once per kept set (no host sync)."""
+        key = self._table_key(layer, mlp, B, L)
+        table = self._cached_table(key)
+        if table is None:
+            table = self._store(key, S.FusedCandidates.of(self._candidates(layer, mlp, B, L, device),
+                                                          self.config.gemm_m_size))
+        return table
 
     def _fused(self, x: torch.Tensor) -> bool:
         """Whether this prefill's token_dedup runs the Triton kernels (`fused_kernels`; None: where usable)."""
@@ -717,7 +741,7 @@ class AttachedFocus:
                                f"{x.device.type} tensor (fused_kernels=None falls back to the eager kernels)")
         return (x.is_cuda and DK.usable(x)) if want is None else want
 
-    def _dedup_or_dense(self, key: tuple, removed: int, M: int, plan=None, draft=None):
+    def _dedup_or_dense(self, key: tuple, removed: int, M: int, plan=None, draft=None, root=None):
         """A matched point: deduplicated when its exact duplicate fraction reaches `min_dedup_fraction` and its
         layer's first point did; the plan's shapes come from `removed` (no sync)."""
         gemm, layer = key
@@ -728,7 +752,7 @@ class AttachedFocus:
             self.stats.dedup_rows[key] = [M, M]
             return None
         if plan is None:
-            plan = draft.finish(removed)
+            plan = (draft or S.PlanDraft.of(root, lists=True)).finish(removed)
         self.stats.dedup_rows[key] = [M - removed, M]
         return plan
 

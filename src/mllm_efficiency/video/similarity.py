@@ -165,23 +165,6 @@ class RowNeighbours:
     n_grid: int  # grid tokens of the original grids, all samples (the denominator of the sparsity counts)
     tiled: bool  # False when no sample has more than `m_size` live tokens (tile masking cannot act)
     sample: torch.Tensor | None = None  # long (S,): evenly spread positions in `rows` (None: S = P, exact)
-    _fused: tuple | None = None  # (m_size, candidates with the tile mask folded in, live count): `fused_table`
-
-    def fused_table(self, m_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the fused matching of every GEMM input on this kept set shares: (cand (P, K) with the M-tile mask
-        folded in as -1, 0-dim count of live rows). Its M-tiles count the live rows, all-zero or not (the eager
-        path leaves all-zero rows out of the count; a normed hidden state is never all-zero)."""
-        if self._fused is None or self._fused[0] != m_size:
-            cand = self.cand
-            if self.tiled:
-                dev = cand.device
-                per_slot = torch.zeros(self.n_slots, dtype=torch.long, device=dev)
-                per_slot[self.slot] = self.live.long()
-                before = torch.cumsum(per_slot, 0) - per_slot
-                tile = (before[self.slot] - before[self.base]) // m_size
-                cand = torch.where((cand >= 0) & (tile[cand.clamp_min(0)] == tile[self.rows, None]), cand, -1)
-            self._fused = (m_size, cand, self.live.sum())
-        return self._fused[1], self._fused[2]
 
 
 SAMPLE_ROWS = 512  # rows matched to estimate a GEMM input's duplicate fraction (`count_duplicates`)
@@ -274,6 +257,33 @@ def row_candidates(grid: torch.Tensor, alive: torch.Tensor, grids, *, frame_bloc
                          base.reshape(-1), B * W, max(0, geom.longest - 1).bit_length(), geom.n_grid)
 
 
+@dataclasses.dataclass
+class FusedCandidates:
+    """The candidate table of a kept set as the fused matching reads it (`dedup_kernels.choose_roots`): every row
+    (no compaction, so no host sync), M-tile masking folded in as absent candidates. Its M-tiles count the live
+    rows, all-zero or not (the eager path leaves all-zero rows out of the count; a normed hidden state or an
+    activation is never all-zero), and tile masking is applied whether or not a sample exceeds one tile (it
+    then changes nothing)."""
+
+    rows: torch.Tensor  # long (M,): 0..M-1
+    cand: torch.Tensor  # long (M, K): flat row of each row's k-th candidate, -1 when absent or in another tile
+    live: torch.Tensor  # 0-dim long: live rows (the zero-vector statistics count them as nonzero)
+    n_grid: int
+
+    @classmethod
+    def of(cls, c: RowCandidates, m_size: int) -> "FusedCandidates":
+        cand = c.cand
+        M = cand.shape[0]
+        rows = torch.arange(M, device=cand.device)
+        if m_size >= 0:
+            per_slot = torch.zeros(c.n_slots, dtype=torch.long, device=cand.device)
+            per_slot[c.slot] = c.live.long()  # dummy slots only receive zeros (pruned / text rows)
+            before = torch.cumsum(per_slot, 0) - per_slot
+            tile = (before[c.slot] - before[c.base]) // m_size
+            cand = torch.where((cand >= 0) & (tile[cand.clamp_min(0)] == tile[:, None]), cand, -1)
+        return cls(rows, cand, c.live.sum(), c.n_grid)
+
+
 def row_neighbours(grid: torch.Tensor, alive: torch.Tensor, grids, *, frame_block: int, block: int,
                    m_size: int = -1, mask_row_wrap: bool = False,
                    geometry: GridGeometry | None = None) -> RowNeighbours:
@@ -289,14 +299,13 @@ def row_neighbours(grid: torch.Tensor, alive: torch.Tensor, grids, *, frame_bloc
 class RowMatching:
     """Whole-token matching of the rows of a flattened GEMM input (no host sync)."""
 
-    code: torch.Tensor | None  # long (P,): per row of `RowNeighbours.rows`, 0 unique, 1..K chosen candidate
+    code: torch.Tensor  # long (P,): per row of `RowNeighbours.rows`, 0 unique, 1..K chosen candidate
     root: torch.Tensor  # long (M,): flat row of the group root (own index when unique / text / pruned)
-    nonzero: torch.Tensor | None  # bool (M,): rows that are not all-zero (None: fused, not computed)
-    count: torch.Tensor | None = None  # 0-dim matched rows when counted by the fused kernel (code is then None)
+    nonzero: torch.Tensor  # bool (M,): rows that are not all-zero
 
     def removed(self) -> torch.Tensor:
         """0-dim: rows whose GEMM result is another row's (M - unique rows)."""
-        return self.count if self.code is None else (self.code > 0).sum()
+        return (self.code > 0).sum()
 
 
 def _nonzero_rows(x2d: torch.Tensor) -> torch.Tensor:
@@ -306,12 +315,11 @@ def _nonzero_rows(x2d: torch.Tensor) -> torch.Tensor:
 
 
 def _choose(x2d: torch.Tensor, nb, rows: torch.Tensor, cand: torch.Tensor, nonzero, *, threshold: float,
-            m_size: int, tiled: bool | None = None, fused: bool = False) -> torch.Tensor:
+            m_size: int, tiled: bool | None = None) -> torch.Tensor:
     """(len(rows),) long code of `rows` (their candidates `cand`): 0 unique, 1..K the chosen candidate.
     `match_vectors(vector_size=0)`'s fp32 arithmetic per row, strict `>` threshold, first offset wins ties.
     `nb`: a `RowNeighbours` or `RowCandidates` (its slots); `tiled` overrides `nb.tiled` (tile masking where it
-    cannot act changes nothing). `fused`: the cosines in one Triton pass (`dedup_kernels.choose_codes`; fp32
-    accumulation in another order, so a cosine within rounding of the threshold may decide otherwise)."""
+    cannot act changes nothing). `dedup_kernels.choose_codes` is the fused equivalent."""
     P, C = rows.numel(), x2d.shape[1]
     dev = x2d.device
     ok = cand >= 0
@@ -322,8 +330,6 @@ def _choose(x2d: torch.Tensor, nb, rows: torch.Tensor, cand: torch.Tensor, nonze
         before = torch.cumsum(per_slot, 0) - per_slot
         tile = (before[nb.slot] - before[nb.base]) // m_size
         ok &= tile[safe] == tile[rows, None]
-    if fused:
-        return DK.choose_codes(x2d, rows, torch.where(ok, cand, -1), threshold)
     v = x2d.index_select(0, rows).float().view(P, 1, C)
     norm = v.norm(dim=-1)  # (P, 1)
     best = choice = None  # both start at 0: "better" is a cosine > 0 first
@@ -346,23 +352,16 @@ def _choose(x2d: torch.Tensor, nb, rows: torch.Tensor, cand: torch.Tensor, nonze
 
 
 def match_rows(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size: int = -1,
-               code: torch.Tensor | None = None, nonzero: torch.Tensor | None = None,
-               fused: bool = False) -> RowMatching:
+               code: torch.Tensor | None = None, nonzero: torch.Tensor | None = None) -> RowMatching:
     """`match_vectors(vector_size=0)` + `roots_from_codes` restricted to the rows that have a candidate: the same
     fp32 cosines (same arithmetic per row), strict `>` threshold, first offset wins ties, tile masking, pointer
     jumping with a fixed round count (no host sync). `code` (and `nonzero`): the rows' codes when already chosen
-    (`sample_duplicates` on a table it covered), only the roots are then computed. `fused` (and no `code`): the
-    Triton kernels choose, link and resolve the roots and count the matches (`dedup_kernels.choose_roots`; M-tiles
-    as `RowNeighbours.fused_table`); `code` and `nonzero` of the result are then None."""
+    (`sample_duplicates` on a table it covered), only the roots are then computed."""
     M = x2d.shape[0]
-    if fused and code is None:
-        cand, _ = nb.fused_table(m_size)
-        root, count = DK.choose_roots(x2d, nb.rows, cand, threshold)
-        return RowMatching(None, root, None, count)
     if nonzero is None:
         nonzero = _nonzero_rows(x2d)
     if code is None:
-        code = _choose(x2d, nb, nb.rows, nb.cand, nonzero, threshold=threshold, m_size=m_size, fused=fused)
+        code = _choose(x2d, nb, nb.rows, nb.cand, nonzero, threshold=threshold, m_size=m_size)
     target = nb.cand.gather(1, (code - 1).clamp_min(0)[:, None])[:, 0]
     ptr = torch.arange(M, device=x2d.device).index_copy_(0, nb.rows, torch.where(code > 0, target, nb.rows))
     for _ in range(nb.jumps):
@@ -370,23 +369,21 @@ def match_rows(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size
     return RowMatching(code, ptr, nonzero)
 
 
-def count_duplicates(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size: int = -1,
-                     fused: bool = False):
+def count_duplicates(x2d: torch.Tensor, nb: RowNeighbours, *, threshold: float, m_size: int = -1):
     """(0-dim count of duplicate rows among the matched ones, rows matched, whether that is every row with a
     candidate). Matches only `nb.sample` (at most `SAMPLE_ROWS` evenly spread rows) when the table has one:
     the duplicate fraction of the input is then estimated as count / matched * P / M. No host sync."""
     if nb.sample is None:
         code = _choose(x2d, nb, nb.rows, nb.cand, _nonzero_rows(x2d) if nb.tiled else None, threshold=threshold,
-                       m_size=m_size, fused=fused)
+                       m_size=m_size)
         return (code > 0).sum(), nb.rows.numel(), True
     rows, cand = nb.rows[nb.sample], nb.cand[nb.sample]
     code = _choose(x2d, nb, rows, cand, _nonzero_rows(x2d) if nb.tiled else None, threshold=threshold,
-                   m_size=m_size, fused=fused)
+                   m_size=m_size)
     return (code > 0).sum(), rows.numel(), False
 
 
-def sample_duplicates(x2d: torch.Tensor, c: RowCandidates, *, threshold: float, m_size: int = -1,
-                      fused: bool = False):
+def sample_duplicates(x2d: torch.Tensor, c: RowCandidates, *, threshold: float, m_size: int = -1):
     """`count_duplicates` on a table not compacted yet (P still on the device): the same `SAMPLE_ROWS` rows
     (positions i * P // SAMPLE_ROWS among the rows with a candidate; every one of them when P <= SAMPLE_ROWS),
     found with `searchsorted` instead of the compaction. No host sync. Returns (0-dim count, codes
@@ -402,7 +399,7 @@ def sample_duplicates(x2d: torch.Tensor, c: RowCandidates, *, threshold: float, 
     cand = torch.where(valid[:, None], c.cand.index_select(0, rows), -1)
     tiled = m_size >= 0  # `most` is not known yet: masking where it cannot act changes nothing
     nonzero = _nonzero_rows(x2d) if tiled else None
-    code = _choose(x2d, c, rows, cand, nonzero, threshold=threshold, m_size=m_size, tiled=tiled, fused=fused)
+    code = _choose(x2d, c, rows, cand, nonzero, threshold=threshold, m_size=m_size, tiled=tiled)
     return (code > 0).sum(), code, nonzero
 
 
