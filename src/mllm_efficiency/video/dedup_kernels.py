@@ -94,8 +94,8 @@ def _mean_kernel(x_ptr, out_ptr, members_ptr, starts_ptr, sizes_ptr, C, stride, 
     for j in range(0, size):
         row = tl.load(members_ptr + start + j)
         acc += tl.load(x_ptr + row * stride + cols, mask=inside, other=0.0).to(tl.float32)
-    mean = tl.div_rn(acc, tl.zeros([BLOCK], dtype=tl.float32) + size.to(tl.float32))  # IEEE-rounded, as torch
-    tl.store(out_ptr + g * C + cols, mean.to(out_ptr.dtype.element_ty), mask=inside)
+    mean = tl.div_rn(acc, tl.zeros([BLOCK], dtype=tl.float32) + tl.maximum(size, 1).to(tl.float32))  # as torch
+    tl.store(out_ptr + g * C + cols, mean.to(out_ptr.dtype.element_ty), mask=inside & (size > 0))
 
 
 @functools.lru_cache(maxsize=2)
@@ -142,7 +142,8 @@ def choose_roots(x2d: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor, thre
 
 def group_means(x2d: torch.Tensor, members: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor,
                 groups: int) -> torch.Tensor:
-    """(groups, C) in x2d's dtype: row g is the mean of rows members[starts[g] : starts[g] + sizes[g]]."""
+    """(groups, C) in x2d's dtype: row g is the mean of rows members[starts[g] : starts[g] + sizes[g]]. `groups`
+    may be a capacity (the group count not read on the host yet): rows of empty groups are left unwritten."""
     x2d = _rows_contiguous(x2d)
     C = x2d.shape[1]
     # the interpreter truncates fp32 -> bf16 stores: there the means are stored in fp32 and rounded by torch

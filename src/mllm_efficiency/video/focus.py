@@ -710,19 +710,24 @@ class AttachedFocus:
     def _prepare_fused(self, x2d: torch.Tensor, key: tuple, stage: int, mlp: bool, B: int, L: int):
         """token_dedup with the Triton kernels: every point is matched in full (one pass over its input), so no
         sampling: the exact duplicate fraction of a stage's first point decides for the stage (and its layer),
-        that of a layer's first point for the layer. One host sync per matched point; the plan is queued before
-        it where deduplication is expected (inside a deduplicating stage), after it at a stage's first point."""
+        that of a layer's first point for the layer. One host sync per matched point. The plan and the group
+        means (sized for every row, the first U filled) are queued before it, so that the GEMM on the unique
+        rows is launched right after it, with no GPU idle while the host prepares (wasted work when the point
+        then runs dense: one read of its input)."""
         cfg = self.config
         layer, M = key[1], x2d.shape[0]
         table = self._fused_candidates(layer, mlp, B, L, x2d.device)
         root, count = DK.choose_roots(x2d, table.rows, table.cand, cfg.similarity_threshold)
         self._counts.append((key, torch.stack([count, table.live]), table.n_grid))
-        deciding = stage not in self._stage_dedup
-        draft = None if deciding else S.PlanDraft.of(root, lists=True)
+        draft = S.PlanDraft.of(root, lists=True)
+        means = DK.group_means(x2d, draft.members, draft.starts, draft.sizes, M)
         removed = int(count)  # the host sync of this point
-        if deciding:
+        if stage not in self._stage_dedup:
             self._stage_dedup[stage] = removed / M >= cfg.min_dedup_fraction
-        return self._dedup_or_dense(key, removed, M, draft=draft, root=root)
+        plan = self._dedup_or_dense(key, removed, M, draft=draft)
+        if plan is not None:
+            plan.means = means[:M - removed]
+        return plan
 
     def _fused_candidates(self, layer: int, mlp: bool, B: int, L: int, device) -> S.FusedCandidates:
         """The fused matching's candidate table of the current rows, built once per kept set (no host sync)."""
@@ -741,7 +746,7 @@ class AttachedFocus:
                                f"{x.device.type} tensor (fused_kernels=None falls back to the eager kernels)")
         return (x.is_cuda and DK.usable(x)) if want is None else want
 
-    def _dedup_or_dense(self, key: tuple, removed: int, M: int, plan=None, draft=None, root=None):
+    def _dedup_or_dense(self, key: tuple, removed: int, M: int, plan=None, draft=None):
         """A matched point: deduplicated when its exact duplicate fraction reaches `min_dedup_fraction` and its
         layer's first point did; the plan's shapes come from `removed` (no sync)."""
         gemm, layer = key
@@ -752,7 +757,7 @@ class AttachedFocus:
             self.stats.dedup_rows[key] = [M, M]
             return None
         if plan is None:
-            plan = (draft or S.PlanDraft.of(root, lists=True)).finish(removed)
+            plan = draft.finish(removed)
         self.stats.dedup_rows[key] = [M - removed, M]
         return plan
 

@@ -415,6 +415,7 @@ class DedupPlan:
     members: torch.Tensor | None = None  # long (M,) every row, by group, ascending within a group (root first)
     starts: torch.Tensor | None = None  # long (U,)
     sizes: torch.Tensor | None = None  # long (U,)
+    means: torch.Tensor | None = None  # (U, K): the group means when computed with the plan (`group_means_rows`)
 
     @property
     def removed(self) -> int:
@@ -488,6 +489,8 @@ def group_means_rows(x2d: torch.Tensor, plan: DedupPlan) -> torch.Tensor:
     rows rather than O(M) fp32 rows. No host sync when the plan carries its `dups`. With member lists (a plan
     built with `lists=True`) one fused kernel reads every row once and writes the U means."""
     U = plan.unique.numel()
+    if plan.means is not None:
+        return plan.means
     if plan.members is not None and U < plan.root.numel():
         return DK.group_means(x2d, plan.members, plan.starts, plan.sizes, U)
     dups = plan.dups
