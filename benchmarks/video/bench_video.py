@@ -163,6 +163,11 @@ def arms(T: int, frames: int):
             ("focus_sec_dedup_mlp_ffmatch", "focus", dict(video, sic_mode="token_dedup", similarity_threshold=0.9,
                                                           gemms=("gate_proj", "down_proj"), whole_mlp=True,
                                                           **common)),
+            # the same, matching only MLP inputs of at least 4,096 rows (the first two SEC stages at 64 frames):
+            # a host sync per point costs more than a smaller GEMM can save
+            ("focus_sec_dedup_mlp4k_ffmatch", "focus", dict(video, sic_mode="token_dedup", similarity_threshold=0.9,
+                                                            gemms=("gate_proj", "down_proj"), whole_mlp=True,
+                                                            min_dedup_rows=4096, **common)),
             ("adaptiv", "adaptiv", dict(threshold=0.5, **common)),
             ("cmc_emulation", "cmc", dict(**common))]
 

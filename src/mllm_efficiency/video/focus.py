@@ -65,6 +65,7 @@ class FocusConfig(MethodConfig):
     min_dedup_fraction: float = 0.15  # token_dedup: duplicate-row fraction below which GEMMs run dense
     fused_kernels: bool | None = None  # token_dedup: Triton matching / group means (None: on CUDA with Triton)
     whole_mlp: bool = False  # token_dedup: the gate/up groups carry through the MLP (down_proj not matched)
+    min_dedup_rows: int = 0  # token_dedup: GEMM inputs with fewer rows run dense, unmatched
     placement: str = "mid_layer"
     frames: int | None = None  # frame count when the processor's grid information is not available
     record_trace: bool = False
@@ -105,6 +106,7 @@ class FocusConfig(MethodConfig):
             check_int("frames", self.frames, 1)
         if self.fused_kernels not in (None, True, False):
             raise ConfigError(f"fused_kernels must be None (auto), True or False, got {self.fused_kernels!r}")
+        check_int("min_dedup_rows", self.min_dedup_rows, 0)
         if self.whole_mlp and (self.sic_mode != "token_dedup" or "gate_proj" not in self.gemms):
             raise ConfigError("whole_mlp needs sic_mode='token_dedup' with 'gate_proj' in gemms, got "
                               f"sic_mode={self.sic_mode!r}, gemms={list(self.gemms)}")
@@ -281,6 +283,7 @@ class AttachedFocus:
         self._layer_dedup: dict[int, bool] = {}  # token_dedup: layer -> its first point found enough duplicates
         self._neighbours_cache: list = []  # [(key, RowNeighbours)], the last two kept sets
         self._stage_dedup: dict[int, bool] = {}  # token_dedup: SEC stage -> its sampled estimate reached the cut
+        self._stage_pending: dict[int, tuple] = {}  # fused: stage -> (_DeferredCount, rows, point) not read yet
         self._geometry = None  # (layout, device, similarity.GridGeometry) of the candidate tables
         self._counts: list = []  # token_dedup: ((gemm, layer), device tensor [similar, live nonzero], n_grid)
         self.steps = [DelegateStep(self, layer + 1, layer, tag=i) for i, layer in enumerate(config.selected_layers)]
@@ -360,6 +363,7 @@ class AttachedFocus:
         self._kept.clear()
         self._layer_dedup.clear()
         self._stage_dedup.clear()
+        self._stage_pending.clear()
         self._neighbours_cache.clear()
         self._counts.clear()
 
@@ -384,6 +388,8 @@ class AttachedFocus:
         return None
 
     def _after_text_model(self, module, args, output):
+        for stage in list(self._stage_pending):  # a stage of one layer: its decision was never needed
+            self._resolve_stage(stage)
         if self._counts:  # the similarity counts of token_dedup: one host transfer per prefill
             values = torch.stack([t for _, t, _ in self._counts]).tolist()
             for ((key, _, n_grid), (similar, live_nonzero)) in zip(self._counts, values):
@@ -676,6 +682,11 @@ class AttachedFocus:
             plan = self.prepare(x, layer, gemm)
             return self._dedup_or_dense(key, plan.removed, M, plan)
         stage = bisect.bisect_left(cfg.selected_layers, layer)  # SEC stages applied before this layer
+        if M < cfg.min_dedup_rows:
+            self.stats.dedup_rows[key] = [M, M]
+            return None
+        if stage in self._stage_pending:
+            self._resolve_stage(stage)
         if self._layer_dedup.get(layer) is False or self._stage_dedup.get(stage) is False:
             self._layer_dedup[layer] = False
             self.stats.dedup_rows[key] = [M, M]
@@ -719,6 +730,13 @@ class AttachedFocus:
         table = self._fused_candidates(layer, mlp, B, L, x2d.device)
         root, count = DK.choose_roots(x2d, table.rows, table.cand, cfg.similarity_threshold)
         self._counts.append((key, torch.stack([count, table.live]), table.n_grid))
+        if stage not in self._stage_dedup and stage > 0 and cfg.min_dedup_fraction > 0:
+            # decided one layer later, without draining the GPU's queue: a sync here would throw away the lead
+            # the host has built (the later stages' small GEMMs then cannot hide its launch times)
+            self._stage_pending[stage] = (_DeferredCount(count), M, key)
+            self._layer_dedup[layer] = False
+            self.stats.dedup_rows[key] = [M, M]
+            return None
         draft = S.PlanDraft.of(root, lists=True)
         means = DK.group_means(x2d, draft.members, draft.starts, draft.sizes, M)
         removed = int(count)  # the host sync of this point
@@ -728,6 +746,12 @@ class AttachedFocus:
         if plan is not None:
             plan.means = means[:M - removed]
         return plan
+
+    def _resolve_stage(self, stage: int) -> None:
+        deferred, M, key = self._stage_pending.pop(stage)
+        removed = deferred.read()
+        self.stats.duplicates[key] = [removed, M]
+        self._stage_dedup[stage] = removed / M >= self.config.min_dedup_fraction
 
     def _fused_candidates(self, layer: int, mlp: bool, B: int, L: int, device) -> S.FusedCandidates:
         """The fused matching's candidate table of the current rows, built once per kept set (no host sync)."""
@@ -822,6 +846,25 @@ class AttachedFocus:
         flat = query.transpose(1, 2).reshape(B, L, H * D)
         out = self.prepare(flat, module.layer_idx, "query")
         return out.view(B, L, H, D).transpose(1, 2)
+
+
+class _DeferredCount:
+    """A 0-dim device count read later without waiting for the work queued after it: copied to pinned host
+    memory behind an event (CPU tensors: read directly)."""
+
+    def __init__(self, count: torch.Tensor):
+        self._event = None
+        self._value = count
+        if count.is_cuda:
+            self._value = torch.empty((), dtype=count.dtype, pin_memory=True)
+            self._value.copy_(count, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def read(self) -> int:
+        if self._event is not None:
+            self._event.synchronize()
+        return int(self._value)
 
 
 class _Compaction:
