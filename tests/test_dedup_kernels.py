@@ -257,3 +257,24 @@ def test_min_dedup_rows_leaves_small_inputs_dense(ov, ov_prompt):
         assert any(c < t for c, t in h.stats.dedup_rows.values())
     with pytest.raises(ConfigError, match="min_dedup_rows"):
         me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_rows=-1)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dedup_stages_until_dense_stops_after_a_dense_stage(request, ov, ov_prompt, fused):
+    """dedup_stages="until_dense": after a stage that ran dense no later stage is matched; "each" matches and
+    deduplicates a later stage on its own (the same prompt and settings)."""
+    if fused and request.getfixturevalue("dev") == "cuda":
+        ov = copy.deepcopy(ov).to(dev)
+        ov_prompt = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in ov_prompt.items()}
+    cfg = dict(sic_mode="token_dedup", selected_layers=(2,), alpha_list=(0.5,), similarity_threshold=0.2,
+               min_dedup_fraction=0.2, fused_kernels=fused)
+    with me.apply(ov, "focus", **cfg) as h:
+        _logits(ov, ov_prompt)
+        assert ("q_proj", 3) in h.stats.duplicates  # stage 1 matched (and, eager, deduplicated)
+        assert h.stats.dense_layers == [0, 1, 2] + ([3] if fused else [])
+    with me.apply(ov, "focus", dedup_stages="until_dense", **cfg) as h:
+        _logits(ov, ov_prompt)
+        assert list(h.stats.duplicates) == [("q_proj", 0)]  # stage 0's first point only
+        assert h.stats.dense_layers == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="dedup_stages"):
+        me.apply(ov, "focus", sic_mode="token_dedup", dedup_stages="never")

@@ -66,6 +66,7 @@ class FocusConfig(MethodConfig):
     fused_kernels: bool | None = None  # token_dedup: Triton matching / group means (None: on CUDA with Triton)
     whole_mlp: bool = False  # token_dedup: the gate/up groups carry through the MLP (down_proj not matched)
     min_dedup_rows: int = 0  # token_dedup: GEMM inputs with fewer rows run dense, unmatched
+    dedup_stages: str = "each"  # token_dedup: "each" stage decides for itself; "until_dense": none after a dense one
     placement: str = "mid_layer"
     frames: int | None = None  # frame count when the processor's grid information is not available
     record_trace: bool = False
@@ -100,6 +101,7 @@ class FocusConfig(MethodConfig):
             check_int("gemm_m_size", self.gemm_m_size, 1)
         check_choice("sic_mode", self.sic_mode, ("emulate", "token_dedup", "off"))
         check_choice("placement", self.placement, ("mid_layer", "next_layer"))
+        check_choice("dedup_stages", self.dedup_stages, ("each", "until_dense"))
         for g in self.gemms:
             check_choice("gemms", g, GEMMS)
         if self.frames is not None:
@@ -687,6 +689,11 @@ class AttachedFocus:
             return None
         if stage in self._stage_pending:
             self._resolve_stage(stage)
+        if cfg.dedup_stages == "until_dense" and stage not in self._stage_dedup:
+            for earlier in [s for s in self._stage_pending if s < stage]:
+                self._resolve_stage(earlier)
+            if any(d is False for s, d in self._stage_dedup.items() if s < stage):
+                self._stage_dedup[stage] = False  # unmatched: duplicate fractions fall with depth
         if self._layer_dedup.get(layer) is False or self._stage_dedup.get(stage) is False:
             self._layer_dedup[layer] = False
             self.stats.dedup_rows[key] = [M, M]
