@@ -263,7 +263,8 @@ def test_min_dedup_rows_leaves_small_inputs_dense(ov, ov_prompt):
 def test_dedup_stages_until_dense_stops_after_a_dense_stage(request, ov, ov_prompt, fused):
     """dedup_stages="until_dense": after a stage that ran dense no later stage is matched; "each" matches and
     deduplicates a later stage on its own (the same prompt and settings)."""
-    if fused and request.getfixturevalue("dev") == "cuda":
+    dev = request.getfixturevalue("dev") if fused else "cpu"
+    if dev == "cuda":
         ov = copy.deepcopy(ov).to(dev)
         ov_prompt = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in ov_prompt.items()}
     cfg = dict(sic_mode="token_dedup", selected_layers=(2,), alpha_list=(0.5,), similarity_threshold=0.2,

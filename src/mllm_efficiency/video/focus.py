@@ -23,7 +23,12 @@ SIC (prefill only) wraps the linear layers at the GEMM inputs `q_proj` (shared b
   candidate table; below the cut every GEMM of the stage (the layers up to the next selected layer) runs
   densely, with no other matching, table or sync. In a stage above it, the first point of each layer decides
   for its layer (sampled likewise, one sync), and the points of a deciding layer are matched in full and
-  deduplicated when their own exact fraction reaches the cut;
+  deduplicated when their own exact fraction reaches the cut. On CUDA (`fused_kernels`, default on where Triton
+  imports) the matching and the group means are Triton kernels (`dedup_kernels`), every point is matched in full
+  and decides on its exact fraction, plan and means are queued before the point's sync, and SEC stages after
+  the first are decided one layer late without draining the GPU's queue. `whole_mlp` runs gate, up and down
+  once on the gate/up point's unique rows; `min_dedup_rows` and `dedup_stages="until_dense"` skip points where a
+  host sync costs more than it saves (Focus's GPU fast path combines the three, docs/video.md);
 - `sic_mode="off"`: SEC only (same as `sec_only=True`).
 """
 from __future__ import annotations
