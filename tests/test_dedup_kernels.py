@@ -2,7 +2,6 @@
 Triton's interpreter (the same kernels run compiled on CUDA)."""
 from __future__ import annotations
 
-import bisect
 import copy
 
 import pytest
@@ -183,46 +182,15 @@ def test_choose_roots_equal_eager_roots_and_count(dev):
     assert torch.equal(empty_root.cpu(), torch.arange(M)) and int(none) == 0
 
 
-def _fused_rule_holds(stats, selected, cut, n_layers):
-    """The fused path's min_dedup_fraction rule: every matched point's fraction is exact; stage 0's first point
-    decides for the stage at once; a later stage's first point is read one layer later (its layer runs dense),
-    then decides for the rest of the stage; inside a deduplicating stage each layer's first point (q_proj)
-    decides for its layer, and its points are deduplicated exactly when their own fraction reaches `cut`.
-    Returns (stages that ran dense, stages that did not)."""
-    frac = {k: d / n for k, (d, n) in stats.duplicates.items()}
-    stages = {}
-    for layer in range(n_layers):
-        stages.setdefault(bisect.bisect_left(selected, layer), []).append(layer)
-    dense, live = [], []
-    for stage, layers in stages.items():
-        first = ("q_proj", layers[0])
-        lagged = stage > 0 and cut > 0
-        if lagged:
-            assert layers[0] in stats.dense_layers
-        if frac[first] < cut:
-            dense.append(stage)
-            assert all(l in stats.dense_layers for l in layers)
-            assert [k for k in stats.duplicates if k[1] in layers] == [first]  # nothing else was matched
-            continue
-        live.append(stage)
-        for layer in layers[1:] if lagged else layers:
-            if frac[("q_proj", layer)] < cut:
-                assert layer in stats.dense_layers
-                assert [k for k in stats.duplicates if k[1] == layer] == [("q_proj", layer)]
-                continue
-            for gemm in ("q_proj", "o_proj", "gate_proj", "down_proj"):
-                computed, total = stats.dedup_rows[(gemm, layer)]
-                d, n = stats.duplicates[(gemm, layer)]
-                assert n == total and computed == (total - d if d / n >= cut and d else total)
-    return dense, live
-
-
 @pytest.mark.parametrize("sel,thr,cut,expect", [((1,), 0.3, 1.0, ([0, 1], [])), ((2,), 0.2, 0.2, ([0], [1])),
                                                 ((0,), 0.2, 0.2, ([0], [1])), ((0, 2), 0.1, 0.15, None),
                                                 ((1,), 0.3, 0.3, None)])
 def test_fused_stage_decisions(dev, ov, ov_prompt, sel, thr, cut, expect):
-    """min_dedup_fraction with the fused kernels follows its rule; stage 0 (decided at once) takes the eager
-    path's decisions (on this tiny model the eager samples cover every row: exact too)."""
+    """min_dedup_fraction with the fused kernels: every matched point's fraction is exact, and a stage after the
+    first is decided one layer late (its first layer runs dense); otherwise the eager rule. Stage 0 (decided at
+    once) takes the eager path's decisions (on this tiny model the eager samples cover every row: exact too)."""
+    from test_video_methods import _stage_rule_holds
+
     if dev == "cuda":
         ov = copy.deepcopy(ov).to(dev)
         ov_prompt = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in ov_prompt.items()}
@@ -232,7 +200,7 @@ def test_fused_stage_decisions(dev, ov, ov_prompt, sel, thr, cut, expect):
         with me.apply(ov, "focus", sic_mode="token_dedup", fused_kernels=fused, **cfg) as h:
             _logits(ov, ov_prompt)
             stats.append(h.stats)
-    got = _fused_rule_holds(stats[1], sel, cut, 4)
+    got = _stage_rule_holds(stats[1], sel, cut, 4, lagged=True)
     if expect is not None:
         assert got == expect
     stage0 = range(sel[0] + 1)

@@ -212,11 +212,13 @@ def test_token_dedup_fast_path_equals_full_grid_path(ov, ov_prompt, cfg):
         assert sum(t - c for c, t in res[1][1].values()) > 0  # rows were removed
 
 
-def _stage_rule_holds(stats, selected, cut, n_layers):
+def _stage_rule_holds(stats, selected, cut, n_layers, lagged=False):
     """The min_dedup_fraction rule, checked on one run's statistics: the first point (q_proj) of each SEC stage
     is estimated; below `cut` the stage's layers all run dense and nothing else of the stage is matched; above
     it each layer's q_proj decides for its layer, and a deciding layer's points are deduplicated exactly when
-    their own fraction reaches `cut`. Returns (stages that ran dense, stages that did not)."""
+    their own fraction reaches `cut`. `lagged` (the fused path): a stage after the first is decided one layer
+    late, so its first layer runs dense whatever its fraction. Returns (stages that ran dense, stages that did
+    not)."""
     frac = {k: d / n for k, (d, n) in stats.duplicates.items()}
     stages = {}
     for layer in range(n_layers):
@@ -225,13 +227,16 @@ def _stage_rule_holds(stats, selected, cut, n_layers):
     for stage, layers in stages.items():
         first = ("q_proj", layers[0])
         assert first in frac
+        late = lagged and stage > 0 and cut > 0
+        if late:
+            assert layers[0] in stats.dense_layers
         if frac[first] < cut:
             dense.append(stage)
             assert all(l in stats.dense_layers for l in layers)
             assert [k for k in stats.duplicates if k[1] in layers] == [first]  # nothing else was matched
             continue
         live.append(stage)
-        for layer in layers:
+        for layer in layers[1:] if late else layers:
             if frac[("q_proj", layer)] < cut:
                 assert layer in stats.dense_layers
                 assert [k for k in stats.duplicates if k[1] == layer] == [("q_proj", layer)]
