@@ -125,18 +125,21 @@ def _logits(model, p):
                                       gemms=("q_proj", "gate_proj", "down_proj"), whole_mlp=True)])
 def test_focus_token_dedup_fused_equals_eager(dev, ov, ov_prompt, cfg):
     """The whole prefill with the fused kernels: the same rows deduplicated at every point as the eager path,
-    the same logits up to the order of fp32 sums in the cosines."""
+    the same logits up to the order of fp32 sums in the cosines; a batch of two included."""
     if dev == "cuda":  # a copy on the GPU: the shared fixture stays on the CPU
         ov = copy.deepcopy(ov).to(dev)
         ov_prompt = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in ov_prompt.items()}
-    res = []
-    for fused in (False, True):
-        with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, fused_kernels=fused,
-                      **cfg) as h:
-            res.append((_logits(ov, ov_prompt), h.stats.dedup_rows, h.stats.sic_counts))
-    assert res[0][1:] == res[1][1:]
-    assert sum(t - c for c, t in res[1][1].values()) > 0  # rows were removed
-    assert torch.allclose(res[0][0], res[1][0], atol=1e-5, rtol=1e-5)
+    batch = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.shape[0] == 1 else v
+             for k, v in ov_prompt.items()}
+    for prompt in (ov_prompt, batch):
+        res = []
+        for fused in (False, True):
+            with me.apply(ov, "focus", sic_mode="token_dedup", min_dedup_fraction=0.0, fused_kernels=fused,
+                          **cfg) as h:
+                res.append((_logits(ov, prompt), h.stats.dedup_rows, h.stats.sic_counts))
+        assert res[0][1:] == res[1][1:]
+        assert sum(t - c for c, t in res[1][1].values()) > 0  # rows were removed
+        assert torch.allclose(res[0][0], res[1][0], atol=1e-5, rtol=1e-5)
 
 
 def test_fused_kernels_setting_is_checked(ov, ov_prompt, monkeypatch):
