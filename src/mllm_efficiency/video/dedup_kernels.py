@@ -4,6 +4,9 @@ full-width fp32 passes, one pass over the GEMM input in its own dtype.
 - `choose_codes`: per row, the cosine to each of its K candidate rows (fp32 accumulation of the norms and dot
   products read once from the bf16/fp16 rows), the best candidate (first wins ties), strict `>` threshold; the
   eager `similarity._choose` semantics with another summation order (cosines equal up to fp32 rounding).
+- `choose_roots` (what Focus runs): the same choice written as each row's link to its chosen candidate, with the
+  match count accumulated on the device, then a second kernel that follows every row's links to its group root
+  (the eager path's pointer jumping, in one launch). No host sync.
 - `group_means`: the mean of every duplicate group (fp32 sums in row order, root first, cast back), written
   straight to the compact (U, C) GEMM input: one read of the group's rows, one write of the mean.
 
