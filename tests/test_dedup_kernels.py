@@ -90,27 +90,32 @@ def _random_roots(M, seed, p=0.5):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_group_means_equal_eager_group_means_bitwise(dev, dtype):
-    """Against the eager means on the CPU (sequential fp32 sums in row order; CUDA's index_add_ is unordered)."""
+    """Against the eager means on the CPU (sequential fp32 sums in row order; CUDA's index_add_ is unordered),
+    with the exact group count and with capacity M (what Focus queues before the sync: the first U rows)."""
     for M, p in ((1, 0.5), (40, 0.0), (40, 0.5), (200, 0.8)):
         x = torch.randn(M, 1030, generator=torch.Generator().manual_seed(M)).to(dtype)
         root = _random_roots(M, seed=M, p=p)
         eager = S.group_means_rows(x, S.dedup_plan(root))
-        x, plan = x.to(dev), S.dedup_plan(root.to(dev), lists=True)
-        assert torch.equal(S.group_means_rows(x, plan).cpu(), eager)
+        x, draft = x.to(dev), S.PlanDraft.of(root.to(dev), lists=True)
+        plan = draft.finish()
         U = plan.unique.numel()
-        assert torch.equal(DK.group_means(x, plan.members, plan.starts, plan.sizes, U).cpu(), eager)
+        assert torch.equal(DK.group_means(x, draft.members, draft.starts, draft.sizes, U).cpu(), eager)
+        plan.means = DK.group_means(x, draft.members, draft.starts, draft.sizes, M)[:U]
+        assert torch.equal(S.group_means_rows(x, plan).cpu(), eager)  # a plan's own means are used
 
 
 def test_plan_member_lists_describe_the_groups():
     root = _random_roots(60, seed=1, p=0.6)
-    plan = S.dedup_plan(root, lists=True)
-    assert int(plan.sizes.sum()) == 60 and plan.starts.numel() == plan.unique.numel()
+    draft = S.PlanDraft.of(root, lists=True)
+    plan = draft.finish()
+    U = plan.unique.numel()
+    assert int(draft.sizes.sum()) == 60 and (draft.sizes[U:] == 0).all()
     for g, u in enumerate(plan.unique.tolist()):
-        members = plan.members[plan.starts[g]:plan.starts[g] + plan.sizes[g]]
+        members = draft.members[draft.starts[g]:draft.starts[g] + draft.sizes[g]]
         assert members[0] == u  # the root first, then its members ascending
         assert torch.equal(members, (root == u).nonzero().flatten())
-    draft = S.PlanDraft.of(root)
-    assert torch.equal(draft.finish().unique, plan.unique) and draft.finish().members is None
+    plain = S.PlanDraft.of(root)
+    assert torch.equal(plain.finish().unique, plan.unique) and plain.members is None
 
 
 def _logits(model, p):

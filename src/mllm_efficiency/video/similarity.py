@@ -13,8 +13,6 @@ import dataclasses
 
 import torch
 
-from . import dedup_kernels as DK
-
 ZERO_CODE = 255  # lean-trace code of an all-zero vector
 
 
@@ -257,6 +255,15 @@ def row_candidates(grid: torch.Tensor, alive: torch.Tensor, grids, *, frame_bloc
                          base.reshape(-1), B * W, max(0, geom.longest - 1).bit_length(), geom.n_grid)
 
 
+def _row_tiles(nb, counted: torch.Tensor, m_size: int) -> torch.Tensor:
+    """(M,) M-tile of every row of a candidate table `nb` (its slots): the `counted` rows before it in its grid,
+    floor-divided by `m_size`."""
+    per_slot = torch.zeros(nb.n_slots, dtype=torch.long, device=counted.device)
+    per_slot[nb.slot] = counted.long()  # dummy slots only receive zeros (pruned / text rows)
+    before = torch.cumsum(per_slot, 0) - per_slot
+    return (before[nb.slot] - before[nb.base]) // m_size
+
+
 @dataclasses.dataclass
 class FusedCandidates:
     """The candidate table of a kept set as the fused matching reads it (`dedup_kernels.choose_roots`): every row
@@ -276,10 +283,7 @@ class FusedCandidates:
         M = cand.shape[0]
         rows = torch.arange(M, device=cand.device)
         if m_size >= 0:
-            per_slot = torch.zeros(c.n_slots, dtype=torch.long, device=cand.device)
-            per_slot[c.slot] = c.live.long()  # dummy slots only receive zeros (pruned / text rows)
-            before = torch.cumsum(per_slot, 0) - per_slot
-            tile = (before[c.slot] - before[c.base]) // m_size
+            tile = _row_tiles(c, c.live, m_size)
             cand = torch.where((cand >= 0) & (tile[cand.clamp_min(0)] == tile[:, None]), cand, -1)
         return cls(rows, cand, c.live.sum(), c.n_grid)
 
@@ -325,10 +329,7 @@ def _choose(x2d: torch.Tensor, nb, rows: torch.Tensor, cand: torch.Tensor, nonze
     ok = cand >= 0
     safe = cand.clamp_min(0)
     if nb.tiled if tiled is None else tiled:  # tiles count the unpruned tokens that are not all-zero
-        per_slot = torch.zeros(nb.n_slots, dtype=torch.long, device=dev)
-        per_slot[nb.slot] = (nb.live & nonzero).long()  # dummy slots only receive zeros (pruned / text rows)
-        before = torch.cumsum(per_slot, 0) - per_slot
-        tile = (before[nb.slot] - before[nb.base]) // m_size
+        tile = _row_tiles(nb, nb.live & nonzero, m_size)
         ok &= tile[safe] == tile[rows, None]
     v = x2d.index_select(0, rows).float().view(P, 1, C)
     norm = v.norm(dim=-1)  # (P, 1)
@@ -411,10 +412,6 @@ class DedupPlan:
     expand: torch.Tensor  # long (M,) position in `unique` of every row's root
     root: torch.Tensor  # long (M,) root row of every row (own index for text / unique rows)
     dups: torch.Tensor | None = None  # long (M - U,) the other rows, ascending
-    # the groups as lists (`dedup_kernels.group_means`): group g is members[starts[g] : starts[g] + sizes[g]]
-    members: torch.Tensor | None = None  # long (M,) every row, by group, ascending within a group (root first)
-    starts: torch.Tensor | None = None  # long (U,)
-    sizes: torch.Tensor | None = None  # long (U,)
     means: torch.Tensor | None = None  # (U, K): the group means when computed with the plan (`group_means_rows`)
 
     @property
@@ -438,6 +435,8 @@ class PlanDraft:
     expand: torch.Tensor
     root: torch.Tensor
     is_root: torch.Tensor
+    # the groups as lists (`lists=True`, for `dedup_kernels.group_means`), sized M: group g < U is
+    # members[starts[g] : starts[g] + sizes[g]], every row by group, ascending within a group (root first)
     members: torch.Tensor | None = None
     starts: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
@@ -469,16 +468,14 @@ class PlanDraft:
         if removed is None:
             removed = M - int(self.is_root.sum())
         U = M - removed
-        lists = self.members is not None
-        return DedupPlan(self.order[:U], self.expand, self.root, self.order[U:], self.members if lists else None,
-                         self.starts[:U] if lists else None, self.sizes[:U] if lists else None)
+        return DedupPlan(self.order[:U], self.expand, self.root, self.order[U:])
 
 
-def dedup_plan(root: torch.Tensor, removed: int | None = None, lists: bool = False) -> DedupPlan:
+def dedup_plan(root: torch.Tensor, removed: int | None = None) -> DedupPlan:
     """From per-row roots (a root points at itself) build the gather/scatter plan. Pass `removed` (rows that are
     not roots) when already known to avoid the host sync that counting it costs. One scatter orders the rows:
-    the roots (ascending), then the others (ascending). `lists`: with the member lists of the fused means."""
-    return PlanDraft.of(root, lists).finish(removed)
+    the roots (ascending), then the others (ascending)."""
+    return PlanDraft.of(root).finish(removed)
 
 
 def group_means_rows(x2d: torch.Tensor, plan: DedupPlan) -> torch.Tensor:
@@ -486,13 +483,11 @@ def group_means_rows(x2d: torch.Tensor, plan: DedupPlan) -> torch.Tensor:
 
     Singleton groups are the rows themselves; only the groups with members are accumulated (root, then the
     members in row order: the fp32 sums of accumulating every row in row order), so the cost is O(U + 3 * removed)
-    rows rather than O(M) fp32 rows. No host sync when the plan carries its `dups`. With member lists (a plan
-    built with `lists=True`) one fused kernel reads every row once and writes the U means."""
-    U = plan.unique.numel()
+    rows rather than O(M) fp32 rows. No host sync when the plan carries its `dups`. A plan that carries its
+    `means` (the fused path computed them with `dedup_kernels.group_means`) returns them."""
     if plan.means is not None:
         return plan.means
-    if plan.members is not None and U < plan.root.numel():
-        return DK.group_means(x2d, plan.members, plan.starts, plan.sizes, U)
+    U = plan.unique.numel()
     dups = plan.dups
     if dups is None:
         dups = (plan.root != torch.arange(plan.root.numel(), device=plan.root.device)).nonzero().flatten()
