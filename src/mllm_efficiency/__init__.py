@@ -3,6 +3,7 @@
     import mllm_efficiency as me
     h = me.apply(model, "fastv", k=2, ratio=0.75)
     h.stats; h.remove()
+    out = me.generate(model, **inputs, max_new_tokens=32)   # greedy decoding on the fast path
 """
 from .api import apply
 from .errors import ConfigError, NoVisualTokensError, UnsupportedModelError
@@ -18,6 +19,10 @@ def __getattr__(name):
         from .models import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration
+    if name == "generate":
+        from .fast.generate import generate
+
+        return generate
     if name in ("FastVConfig",):
         from .pruning.fastv import FastVConfig
 
@@ -26,4 +31,4 @@ def __getattr__(name):
 
 
 __all__ = ["apply", "available_methods", "get_method", "ConfigError", "NoVisualTokensError",
-           "UnsupportedModelError", "TrackedCache", "LlavaForConditionalGeneration", "FastVConfig"]
+           "UnsupportedModelError", "TrackedCache", "LlavaForConditionalGeneration", "FastVConfig", "generate"]

@@ -17,4 +17,4 @@ def apply(model: Any, name: str, **cfg: Any) -> MethodHandle:
     config = spec.config_cls.from_kwargs(spec.name, **cfg)
     adapter = get_adapter(model)
     attached = spec.attach(model, adapter, config)
-    return MethodHandle(spec.name, config, attached)
+    return MethodHandle(spec.name, config, attached, model)

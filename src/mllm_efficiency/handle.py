@@ -1,11 +1,13 @@
 """The handle `apply()` returns: removable, usable as a context manager, exposes `.stats`."""
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 
 class MethodHandle:
-    def __init__(self, name: str, config: Any, attached: Any):
+    def __init__(self, name: str, config: Any, attached: Any, model: Any = None):
+        self._model = weakref.ref(model) if model is not None else None
         self.name = name
         self.config = config
         self._attached = attached
@@ -20,6 +22,15 @@ class MethodHandle:
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self._attached, name)
+
+    def generate(self, **kwargs):
+        """`mllm_efficiency.generate` on the model this method is attached to (greedy decoding, fast path)."""
+        from .fast.generate import generate
+
+        model = self._model() if self._model is not None else None
+        if model is None:
+            raise RuntimeError(f"{self.name}: the handle does not know its model (created outside apply())")
+        return generate(model, **kwargs)
 
     @property
     def active(self) -> bool:

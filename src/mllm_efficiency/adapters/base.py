@@ -49,8 +49,10 @@ class ModelAdapter:
         """Bool (B, L): positions holding an image/video token id, or None if the family knows no such id."""
         if not self.visual_token_ids:
             return None
-        ids = torch.tensor(self.visual_token_ids, device=input_ids.device)
-        return torch.isin(input_ids, ids)
+        mask = input_ids == self.visual_token_ids[0]  # comparisons with host ints: no host-to-device copy
+        for token_id in self.visual_token_ids[1:]:
+            mask = mask | (input_ids == token_id)
+        return mask
 
     @torch.no_grad()
     def merged_inputs_embeds(self, **inputs) -> torch.Tensor:

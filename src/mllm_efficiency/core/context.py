@@ -33,6 +33,7 @@ class ModelContext:
         self._entry_ids: torch.Tensor | None = None
         self._memo: dict = {}
         self._plain = False
+        self.host_values = HostValues()
         text = adapter.text_model
         self._handles = []
         if adapter.model is not text:
@@ -50,6 +51,16 @@ class ModelContext:
             setattr(adapter.text_model, _CONTEXT_ATTR, ctx)
         ctx.users += 1
         return ctx
+
+    @classmethod
+    def of(cls, adapter) -> "ModelContext | None":
+        """The context attached to this model, if any method uses one."""
+        return getattr(adapter.text_model, _CONTEXT_ATTR, None)
+
+    def announce_input_ids(self, ids: torch.Tensor | None) -> None:
+        """The ids of the next text-model forward, for callers that run the text model directly with
+        `inputs_embeds` (the fast prefill): what the wrapper's entry hook records otherwise."""
+        self._entry_ids = ids
 
     def release(self) -> None:
         self.users -= 1
@@ -124,10 +135,12 @@ class ModelContext:
         mask2d = kwargs.get("attention_mask")
         if not (isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 and mask2d.shape[1] == length):
             return [length] * batch
-        if length > 1 and bool((mask2d[:, -1] == 0).any()):
+        right_padded, lengths = self.host_values.read(
+            "prompt_lengths", lambda: (bool((mask2d[:, -1] == 0).any()), mask2d.sum(1).tolist()))
+        if length > 1 and right_padded:
             raise ValueError(f"attention_mask: right padding is not supported by {what}; "
                              "pad on the left (tokenizer.padding_side = 'left')")
-        return mask2d.sum(1).tolist()
+        return list(lengths)
 
     def ensure_tracked_cache(self, kwargs: dict[str, Any], what: str) -> TrackedCache | None:
         """At a fresh prefill: the TrackedCache the forward will fill (None when no cache is used)."""
@@ -225,6 +238,48 @@ class ModelContext:
         cfg = self.adapter.text_config
         heads = cfg.num_attention_heads
         return heads // (getattr(cfg, "num_key_value_heads", None) or heads)
+
+
+class HostValues:
+    """The host-side values (GPU -> CPU reads) a prefill's hooks take from device tensors, routed through one
+    place so a graph-captured prefill (`fast.prefill`) can run them without a synchronisation: an eager run
+    `record`s them in call order, the capture of the same inputs `replay`s them. Outside those two modes a
+    read simply computes. Only values that depend on the prompt's shape, visual-token layout and padding may be
+    read this way (they are the graph cache's key); anything else must stay on the device."""
+
+    def __init__(self):
+        self._mode: str | None = None
+        self._values: list = []
+
+    def read(self, name: str, compute):
+        if self._mode == "replay":
+            if not self._values:
+                raise RuntimeError(f"host value {name!r} was not recorded by the eager run of this prefill")
+            recorded, value = self._values.pop(0)
+            if recorded != name:
+                raise RuntimeError(f"host values read out of order: {name!r} where {recorded!r} was recorded")
+            return value
+        value = compute()
+        if self._mode == "record":
+            self._values.append((name, value))
+        return value
+
+    def record(self) -> None:
+        self._mode, self._values = "record", []
+
+    def take(self) -> list:
+        """End recording: the values read, in call order."""
+        values, self._mode, self._values = self._values, None, []
+        return values
+
+    def replay(self, values: list) -> None:
+        self._mode, self._values = "replay", list(values)
+
+    def finish(self) -> None:
+        """End a replay; every recorded value must have been read."""
+        left, self._mode, self._values = self._values, None, []
+        if left:
+            raise RuntimeError(f"{len(left)} recorded host values were not read again: {[n for n, _ in left]}")
 
 
 def _unpadded(kwargs) -> bool:

@@ -22,10 +22,10 @@ import torch
 from transformers import DynamicCache
 
 from ..adapters import get_adapter
-from ..core.cache import TrackedCache, TrackedLayer
+from ..core.cache import TrackedCache
 from ..errors import ConfigError
 from .fuse import ProjectionFusion
-from .slots import SlotCache, SlotLayer, register_slot_attention, set_layer_bias
+from .slots import SlotCache, SlotLayer, register_slot_attention, set_layer_bias, slot_contents
 
 _KV_ENGINE_ATTR = "_mllm_eff_kv_engine"
 
@@ -103,25 +103,7 @@ class FastDecoder:
 
     def _slot_layer(self, cache, i: int, mask2d, B: int) -> SlotLayer:
         layer = cache.layers[i]
-        if isinstance(layer, TrackedLayer) and layer.position_shift is not None:
-            raise NotImplementedError("FastDecoder does not support renumbered positions (FastV positions="
-                                      "'renumber'); use the default positions='original'")
-        keys, values = layer.keys, layer.values
-        tracked = isinstance(layer, TrackedLayer) and layer.is_tracked
-        valid = layer.slot_valid() if tracked else None
-        if mask2d is not None:  # padding slots of a left-padded batch are never attended
-            real = mask2d.bool()
-            if tracked:
-                pos = layer.slot_positions(batch=B, device=keys.device)
-                pos = pos.expand(B, *pos.shape[1:])
-                if pos.dim() == 3:
-                    real = real.unsqueeze(1).expand(-1, pos.shape[1], -1)
-                real = real.gather(-1, pos)
-            else:
-                real = real[:, :keys.shape[-2]]
-            if valid is not None and valid.dim() != real.dim():
-                valid, real = _per_head(valid), _per_head(real)
-            valid = real if valid is None else valid & real
+        keys, values, valid = slot_contents(layer, mask2d, B)
         slot = SlotLayer(keys, values, valid, keys.shape[-2] + self.max_new_tokens, self._step)
         layer.keys = layer.values = None  # free the dynamic copy as soon as the slot copy exists
         return slot
@@ -264,6 +246,3 @@ def _compiled_step():
         _COMPILED.append(torch.compile(_step_forward))
     return _COMPILED[0]
 
-
-def _per_head(t: torch.Tensor) -> torch.Tensor:
-    return t.unsqueeze(1) if t.dim() == 2 else t

@@ -31,18 +31,33 @@ class SlotLayer(CacheLayerMixin):
         self.capacity = capacity
         self.keys = keys.new_zeros(B, Hkv, capacity, D)
         self.values = values.new_zeros(B, Hkv, capacity, values.shape[-1])
-        self.keys[:, :, :stored].copy_(keys)
-        self.values[:, :, :stored].copy_(values)
         heads = 1 if valid is None or valid.dim() == 2 else valid.shape[1]
         self.bias = torch.full((B, heads, capacity), float("-inf"), device=keys.device, dtype=torch.float32)
-        if valid is None:
-            self.bias[:, :, :stored] = 0.0
-        else:
-            valid = valid.unsqueeze(1) if valid.dim() == 2 else valid
-            self.bias[:, :, :stored].masked_fill_(valid.expand(B, heads, stored), 0.0)
         self._base = torch.tensor([stored], device=keys.device, dtype=torch.long)
         self._step = step
         self.is_initialized = True
+        self.load(keys, values, valid)
+
+    def layout(self) -> tuple:
+        """What must match for `load` to refill this layer with another prefill's contents."""
+        return tuple(self.keys.shape), tuple(self.values.shape), tuple(self.bias.shape), self.keys.dtype
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Copy a prefill's stored slots into the buffers (same stored length and heads as at creation) and mark
+        the decode slots unwritten: device copies only, so a captured prefill can end with them."""
+        stored, heads = self.stored, self.bias.shape[1]
+        B = self.keys.shape[0]
+        if keys.shape[-2] != stored or (valid is not None and valid.dim() == 3 and valid.shape[1] != heads):
+            raise ValueError(f"slot layout changed: {keys.shape[-2]} stored slots for a buffer of {stored}")
+        self.keys[:, :, :stored].copy_(keys)
+        self.values[:, :, :stored].copy_(values)
+        if valid is None:
+            self.bias[:, :, :stored].zero_()
+        else:
+            valid = valid.unsqueeze(1) if valid.dim() == 2 else valid
+            ok = valid.expand(B, heads, stored)
+            self.bias[:, :, :stored].copy_(torch.zeros_like(ok, dtype=torch.float32).masked_fill_(~ok, float("-inf")))
+        self.bias[:, :, stored:].fill_(float("-inf"))
 
     def lazy_initialization(self, key_states, value_states) -> None:  # buffers exist from the start
         return None
@@ -73,6 +88,38 @@ class SlotLayer(CacheLayerMixin):
     def stored_bytes(self) -> int:
         per_slot = self.keys[:, :, :1].numel() * self.keys.element_size() * 2
         return per_slot * self.stored
+
+
+def slot_contents(layer, mask2d: torch.Tensor | None, B: int):
+    """(keys, values, valid) of one prefill cache layer for the slot buffers: `valid` (B, S) or (B, Hkv, S) bool
+    marks the slots decoding may attend (False: padding of a left-padded batch, a method's filler slots), None
+    when every slot is valid. Device ops only."""
+    from ..core.cache import TrackedLayer
+
+    if isinstance(layer, TrackedLayer) and layer.position_shift is not None:
+        raise NotImplementedError("the slot decoder does not support renumbered positions (FastV positions="
+                                  "'renumber'); use the default positions='original'")
+    keys, values = layer.keys, layer.values
+    tracked = isinstance(layer, TrackedLayer) and layer.is_tracked
+    valid = layer.slot_valid() if tracked else None
+    if mask2d is not None:  # padding slots of a left-padded batch are never attended
+        real = mask2d.bool()
+        if tracked:
+            pos = layer.slot_positions(batch=B, device=keys.device)
+            pos = pos.expand(B, *pos.shape[1:])
+            if pos.dim() == 3:
+                real = real.unsqueeze(1).expand(-1, pos.shape[1], -1)
+            real = real.gather(-1, pos)
+        else:
+            real = real[:, :keys.shape[-2]]
+        if valid is not None and valid.dim() != real.dim():
+            valid, real = _per_head(valid), _per_head(real)
+        valid = real if valid is None else valid & real
+    return keys, values, valid
+
+
+def _per_head(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(1) if t.dim() == 2 else t
 
 
 class SlotCache(Cache):

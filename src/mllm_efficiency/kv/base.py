@@ -15,6 +15,7 @@ import torch
 from ..config import MethodConfig, check_choice, check_int, check_ratio
 from ..errors import ConfigError
 from . import primitives as P
+from ..core.device import device_ints
 
 DEFAULT_RATIO = 0.5
 
@@ -114,7 +115,7 @@ class LayerInput:
     visual: torch.Tensor | None  # (B, S) bool: slot holds an image/video token (None: unknown)
 
     def window_mask(self, w: list[int]) -> torch.Tensor:
-        return P.last_real(self.real, torch.tensor(w, device=self.real.device))
+        return P.last_real(self.real, device_ints(w, self.real.device))
 
 
 @dataclasses.dataclass

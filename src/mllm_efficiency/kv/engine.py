@@ -26,6 +26,7 @@ from ..core.context import ModelContext
 from ..errors import ConfigError
 from . import primitives as P
 from .base import LayerInput, Policy, Selection
+from ..core.device import device_ints
 
 _ENGINE_ATTR = "_mllm_eff_kv_engine"
 
@@ -155,7 +156,7 @@ class KVEngine:
             real = real & req.pad.gather(1, pos)
         memo = (id(layer.prefix_pos), id(layer.prefix_valid), S)
         if memo not in req.counts:  # FastV-pruned layers share one layout: one host sync per layout
-            req.counts[memo] = real.sum(1).tolist()
+            req.counts[memo] = self._ctx.host_values.read("kv_real_counts", lambda: real.sum(1).tolist())
         lengths = req.counts[memo]
         visual = None if req.visual is None else req.visual.gather(1, pos)
         inp = LayerInput(i, self.adapter.num_layers, query, key, value, mask, scaling, attn_kw, real, pos,
@@ -181,7 +182,7 @@ class KVEngine:
             return
         counts = [k if isinstance(k, list) else [k] for k in sel.keep]
         kmax = max(max(c) for c in counts)
-        keep_t = torch.tensor(counts, device=inp.key.device)  # (B, 1 | Hkv)
+        keep_t = device_ints(counts, inp.key.device)  # (B, 1 | Hkv)
         idx, valid = P.select_slots(sel.score, sel.candidate, sel.protected, keep_t, kmax)
         full = all(c == kmax for row in counts for c in row)
         per_sample = idx.shape[1] == 1
@@ -224,7 +225,8 @@ class KVEngine:
         st.prefills += 1
         n = self.adapter.num_layers
         layers = req.cache.layers
-        kept_host = {i: t.tolist() for i, t in req.kept.items()}  # one sync for the whole prefill
+        kept_host = self._ctx.host_values.read(  # one sync for the whole prefill
+            "kv_kept_counts", lambda: {i: t.tolist() for i, t in req.kept.items()})
         st.prompt_lengths = [list(req.lengths.get(i, [])) for i in range(n)]
         st.kept_per_head, st.kept = [], []
         for i in range(n):

@@ -15,6 +15,7 @@ from ..config import check_choice
 from ..registry import register_method
 from . import primitives as P
 from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection, check_fraction
+from ..core.device import device_ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,7 @@ class H2OPolicy(Policy):
     def decode_scores(self, layer, real):
         recent = [math.floor(b * self.config.recent_fraction) for b in layer.budget]
         score = layer.score
-        return score, P.last_real(real, torch.tensor(recent, device=real.device))
+        return score, P.last_real(real, device_ints(recent, real.device))
 
 
 @register_method("h2o", family="kv", config_cls=H2OConfig,

@@ -12,6 +12,7 @@ from ..config import check_int
 from ..registry import register_method
 from . import primitives as P
 from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection, check_pooling
+from ..core.device import device_ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,7 @@ def snap_scores(inp: LayerInput, cfg: SnapKVConfig, name: str) -> tuple[torch.Te
     w = [P.window_size(cfg.window, k, name) for k in inp.keep]
     window = inp.window_mask(w)
     # at least one observation row, even when the protected window is empty (keep == 1)
-    obs = P.last_real(inp.real, torch.tensor([max(x, 1) for x in w], device=inp.real.device))
+    obs = P.last_real(inp.real, device_ints([max(x, 1) for x in w], inp.real.device))
     W = max(max(w), 1)
     S = inp.key.shape[2]
     score = P.window_scores(inp.query, inp.key, inp.mask, inp.scaling, obs[:, S - W:], cfg.group_reduce,

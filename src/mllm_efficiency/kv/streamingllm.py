@@ -11,6 +11,7 @@ from ..config import check_int
 from ..registry import register_method
 from . import primitives as P
 from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection
+from ..core.device import device_ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,7 @@ class StreamingLLMPolicy(Policy):
         sinks = [min(self.config.n_sink, k) for k in inp.keep]
         recent = [k - s for k, s in zip(inp.keep, sinks)]
         dev = inp.real.device
-        protected = P.first_real(inp.real, torch.tensor(sinks, device=dev)) | inp.window_mask(recent)
+        protected = P.first_real(inp.real, device_ints(sinks, dev)) | inp.window_mask(recent)
         zeros = torch.zeros(protected.shape, device=dev)
         return Selection(zeros[:, None], inp.real[:, None], protected[:, None], inp.keep)
 
@@ -39,7 +40,7 @@ class StreamingLLMPolicy(Policy):
         pos = layer.slot_positions(batch=B)
         pos = pos.expand(B, *pos.shape[1:])
         pos = pos.unsqueeze(1) if pos.dim() == 2 else pos
-        sinks = torch.tensor([min(self.config.n_sink, b) for b in layer.budget], device=real.device)
+        sinks = device_ints([min(self.config.n_sink, b) for b in layer.budget], real.device)
         return pos.float(), P.first_real(real, sinks)
 
 

@@ -139,7 +139,8 @@ class PruningEngine:
         for step in self.steps:
             step_visual = step.visual_positions(visual, B, L, ref.device)
             if step_visual is not visual or counts is None:
-                counts = step_visual.sum(1).tolist()  # the one synchronisation of a prefill
+                # the one synchronisation of a prefill (replayed from the eager run under graph capture)
+                counts = self._ctx.host_values.read("visual_counts", lambda v=step_visual: v.sum(1).tolist())
             if step.plan(step_visual, counts, [L - p for p in padding]):
                 active.append(step)
                 visual = step_visual

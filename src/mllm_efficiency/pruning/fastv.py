@@ -19,6 +19,7 @@ from ..adapters.base import token_spans  # re-exported: benchmarks import it fro
 from ..flops import keep_count  # noqa: F401  (the one keep rule; re-exported)
 from .engine import PruningEngine, PruningStats, Request
 from .scoring import key_scores
+from ..core.device import device_ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,10 @@ class FastVStep:
         self.score_layer = config.k - 1 if config.scorer != "random" else None
         self.stats = FastVStats(scoring_layer=self.score_layer)
         self._keep: list[int] = []
+        # the kept set is chosen on the device from counts the graph key fixes; the seeded random scorer draws on
+        # the host and per-span grouping walks the spans on the host
+        self.graph_capture = config.scorer != "random" and config.grouping == "global"
+        self.method_name = "fastv"
 
     def visual_positions(self, detected: torch.Tensor | None, B: int, L: int, device) -> torch.Tensor:
         cfg = self.config
@@ -184,7 +189,7 @@ class FastVStep:
                     self._keep[b] += k
         else:
             self._keep = targets
-            keep_t = torch.tensor(self._keep, device=visual.device)
+            keep_t = device_ints(self._keep, visual.device)
             kmax = max(self._keep)
             order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :kmax]
             chosen = torch.arange(kmax, device=visual.device).unsqueeze(0) < keep_t.unsqueeze(1)

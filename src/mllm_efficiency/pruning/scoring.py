@@ -59,7 +59,7 @@ def key_scores(query, key, attention_mask, scaling: float, scorer: str, head_red
     Lk = key.shape[2]
     device = query.device
     if scorer == "last_row":
-        probs = attention_probs(query, key, attention_mask, torch.tensor([Lq - 1], device=device), scaling)
+        probs = attention_probs(query, key, attention_mask, torch.arange(Lq - 1, Lq, device=device), scaling)
         return _reduce(probs, head_reduce, 1)[:, 0]
     first = 0
     if scorer == "text_rows":
