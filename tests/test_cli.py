@@ -100,7 +100,7 @@ def test_flops_reproduces_paper_column(capsys):
     pytest.importorskip("mllm_efficiency.flops")
     assert main(["flops", "--preset", "llava-1.5-7b", "--k", "2", "--ratio", "0.5", "0.75"]) == 0
     out = capsys.readouterr().out
-    # FASTV.md section 13: baseline 99.33, K=2 R=50% 54.79, R=75% 33.00 (GFLOPs per layer, Eq. 5)
+    # docs/token_pruning.md, FLOPs accounting: baseline 99.33, K=2 R=50% 54.79, R=75% 33.00 (GFLOPs per layer, Eq. 5)
     assert "99.33" in out and "54.79" in out and "33.00" in out
     assert main(["flops", "--preset", "llava-1.5-13b", "--k", "2", "--ratio", "0.5"]) == 0
     out = capsys.readouterr().out

@@ -38,7 +38,7 @@ def test_ratio_zero_is_bit_identical(request, backend, prompt2):
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_ratio_zero_bit_identical_with_left_padding(request, backend, prompt1, prompt2):
     """R = 0 on a left-padded batch: the wrapper's mask function must match the backend's (see
-    TRANSFORMERS5.md 2.1: an unregistered mask gives wrong results with padding)."""
+    docs/architecture.md, Seams: an unregistered mask gives wrong results with padding)."""
     model = request.getfixturevalue("llava" if backend == "sdpa" else "llava_eager")
     ids, am = pad_left([prompt1["input_ids"], prompt2["input_ids"]])
     pv = torch.cat([prompt1["pixel_values"], prompt2["pixel_values"]])

@@ -1,4 +1,4 @@
-"""FLOPs accounting (FASTV.md §13): paper Eq. 5 reproduction, exact prefill count, equivalent tokens."""
+"""FLOPs accounting (docs/token_pruning.md): paper Eq. 5 reproduction, exact prefill count, equivalent tokens."""
 import dataclasses
 import math
 

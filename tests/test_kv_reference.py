@@ -2,7 +2,7 @@
 
 The references share no code with `mllm_efficiency.kv`: they read the attention probabilities of an
 unmodified eager model (`output_attentions=True`, float64 afterwards) and the keys of its ordinary
-`DynamicCache`, and apply each rule with plain Python loops (KV_COMPRESSION.md section 4). The library's kept
+`DynamicCache`, and apply each rule with plain Python loops (docs/kv_methods.md, "Methods"). The library's kept
 set is read from the compressed cache (original position of every valid slot, per KV head).
 Prefill logits never change (each layer is compressed after its own attention call), so the eager model's
 attention is exactly what the library scored.

@@ -5,7 +5,7 @@ decode bandwidth roofline, for several contexts and ratios, all in one run.
 A 7B-size model with random weights (latency does not depend on weight values), bf16, SDPA. For every preset,
 context length L and arm the script measures, on random token ids:
   prefill   `model(ids, use_cache=True, logits_to_keep=1)` (CUDA events), its peak memory; with a method attached
-            each layer's cache is compressed right after its attention call (KV_COMPRESSION.md section 2)
+            each layer's cache is compressed right after its attention call (docs/kv_methods.md, "How it works")
   KV        stored bytes after prefill (keys + values over all layers) and the reduction vs the full cache
   decode    a greedy loop of single-token steps with explicit position_ids L, L+1, ... on that cache (handle
             attached), timed with CUDA events over the whole loop after a few warm-up steps; the timed loops run

@@ -1,4 +1,4 @@
-"""Long-context accuracy of the memory methods on a real small model (CONTEXT_MEMORY.md section 13/14).
+"""Long-context accuracy of the memory methods on a real small model (docs/long_context_memory.md).
 
 Q-LLM vs InfLLM vs StreamingLLM (memory variant) vs LM-Infinite vs full attention on the synthetic tasks of
 mllm_efficiency.eval.longctx (passkey, number_string, kv_retrieval, niah), question first+last or last only.

@@ -11,7 +11,7 @@ cmc (emulation: its time is reported but it is not a speedup method here). With 
 Focus arms (SEC only, SEC + token_dedup) whose alpha_list is the default one times one factor, found by
 bisection on the MAC formula below so that Focus's MACs are just at or below FrameFusion's MACs measured in the
 same run (same selected layers). TTFT = one prefill forward with a cache, CUDA events, warm-up, median of
-repeats. Theoretical ops (MACs) follow VIDEO.md section 3: per layer the rows each GEMM computed (the selected
+repeats. Theoretical ops (MACs) follow docs/video.md: per layer the rows each GEMM computed (the selected
 layers' MLPs run on the rows their SEC step keeps; deduplicated GEMMs count their computed rows) and n^2 H for
 attention; the similarity matching, gathers and scatters of token_dedup are memory-bound work, not counted.
 
@@ -93,7 +93,7 @@ def video_prompt(model, frames: int, side: int, device, dtype, static: float = 0
 
 
 def ops(cfg: dict, tokens_per_layer, rows=None) -> float:
-    """MACs of the prefill's decoder layers (VIDEO.md section 3); `rows[(gemm, layer)]` = rows computed."""
+    """MACs of the prefill's decoder layers (docs/video.md); `rows[(gemm, layer)]` = rows computed."""
     H, I = cfg["hidden_size"], cfg["intermediate_size"]
     dkv = H // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     total = 0.0

@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 # Published shapes of the LLaVA-1.5 language models (Vicuna / Llama-2 architecture, MHA) and the FastV paper's
-# prompt: 36 prefix tokens + 576 image tokens (FASTV.md section 13).
+# prompt: 36 prefix tokens + 576 image tokens (docs/token_pruning.md, "FLOPs accounting").
 FLOPS_PRESETS: dict[str, dict] = {
     "llava-1.5-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fl = sub.add_parser(
         "flops", help="theoretical FastV FLOPs table (paper Eq. 5, exact prefill count, equivalent tokens)",
-        description="Theoretical FLOPs of FastV for a LLaVA-1.5 language model (FASTV.md section 13).")
+        description="Theoretical FLOPs of FastV for a LLaVA-1.5 language model (docs/token_pruning.md).")
     fl.add_argument("--preset", choices=sorted(FLOPS_PRESETS), default="llava-1.5-7b",
                     help="model shape (d, m, T, heads); default llava-1.5-7b")
     fl.add_argument("--k", type=_int_at_least("k", 0), nargs="+", default=[2],

@@ -1,4 +1,4 @@
-"""Theoretical FLOPs accounting for visual-token pruning (FastV and peers). Spec: shared/design/FASTV.md §13.
+"""Theoretical FLOPs accounting for visual-token pruning (FastV and peers). Spec: docs/token_pruning.md.
 
 Three numbers are reported side by side; each has a fixed definition.
 
@@ -29,7 +29,7 @@ Three numbers are reported side by side; each has a fixed definition.
 3. ``equivalent_tokens`` -- visual tokens averaged over layers, as used by SparseVLM and later papers:
    ``(K*N + (T-K)*keep) / T`` (FastV K=2 keeping 144 of 576 over 32 layers gives 171).
 
-Keep count (FASTV.md §4): ``keep = max(1, min(N, round(N * (1 - R))))`` for ``N > 0`` (Python ``round``,
+Keep count (docs/token_pruning.md): ``keep = max(1, min(N, round(N * (1 - R))))`` for ``N > 0`` (Python ``round``,
 ties to even) and ``0`` for ``N = 0``; an explicit ``keep`` overrides the rule.
 
 Input errors raise :class:`mllm_efficiency.errors.ConfigError` (a ``ValueError``) naming the parameter.
@@ -188,7 +188,7 @@ _TWO_MATRIX_FFN = frozenset({"gpt2", "gpt_neox", "gptj", "opt", "phi", "starcode
 
 # --------------------------------------------------------------------------------------------- keep rule
 def keep_count(num_visual: int, ratio: float) -> int:
-    """FastV keep rule (FASTV.md §4): ``max(1, min(N, round(N * (1 - R))))`` for N > 0, else 0."""
+    """FastV keep rule (docs/token_pruning.md): ``max(1, min(N, round(N * (1 - R))))`` for N > 0, else 0."""
     n = _check_int("num_visual", num_visual, 0)
     r = _check_ratio(ratio)
     if n == 0:

@@ -1,4 +1,4 @@
-"""KV-cache compression (KV_COMPRESSION.md): score -> select -> store, at prefill and during decoding.
+"""KV-cache compression (docs/kv_methods.md): score -> select -> store, at prefill and during decoding.
 
 Importing this package registers the methods: streamingllm, h2o, snapkv, pyramidkv, adakv, l2norm, random,
 vlcache, lookm.

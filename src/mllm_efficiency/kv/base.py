@@ -1,7 +1,7 @@
 """What every KV-compression method shares: the budget fields of its config, the per-layer input a policy
 scores, the selection it returns, its stats, and the handle `apply()` gets.
 
-Budget convention (KV_COMPRESSION.md section 1): `ratio` is the fraction of the prompt's KV entries removed,
+Budget convention (docs/kv_methods.md): `ratio` is the fraction of the prompt's KV entries removed,
 `budget_tokens` the number kept per layer and KV head, `budgets` the seed's kept fraction; at most one of
 them. `L_b` is the number of real tokens layer i cached for sample b (padding excluded, after token pruning).
 """

@@ -1,4 +1,4 @@
-"""Shared pieces of KV-cache compression (KV_COMPRESSION.md section 3).
+"""Shared pieces of KV-cache compression (docs/kv_methods.md, "Shared primitives").
 
 Shapes: query (B, H, Lq, D) post-RoPE, key (B, Hkv, Lk, D) as stored (never expanded to the query heads);
 query head h belongs to KV head h // G with G = H // Hkv (repeat_kv's order). Scores are fp32 and per KV

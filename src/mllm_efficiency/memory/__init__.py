@@ -1,4 +1,4 @@
-"""Long-context block memory (CONTEXT_MEMORY.md): Q-LLM, InfLLM, StreamingLLM (memory variant), LM-Infinite.
+"""Long-context block memory (docs/long_context_memory.md): Q-LLM, InfLLM, StreamingLLM (memory variant), LM-Infinite.
 
     import mllm_efficiency as me
     from mllm_efficiency.memory import GreedySearch, load_memory_config, patch_hf

@@ -1,4 +1,4 @@
-"""Where memory blocks live (CONTEXT_MEMORY.md section 7).
+"""Where memory blocks live (docs/long_context_memory.md, "Block cache").
 
 `BlockStore`: every block's K/V of one layer in one growable tensor, on CPU (offload="cpu", optionally pinned)
 or on the GPU (offload="gpu"). `BlockCache`: up to `max_cached_block` resident blocks in fixed device slots,

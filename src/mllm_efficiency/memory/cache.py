@@ -2,7 +2,7 @@
 
 Its layers store nothing themselves: `update()` returns the call's keys/values unchanged (the memory attention
 reads the raw projections) and counts tokens, so `get_seq_length()` is the number of tokens seen, which is what
-`generate()` and the position logic need. Each layer holds its `MemoryUnit` (the state of CONTEXT_MEMORY.md
+`generate()` and the position logic need. Each layer holds its `MemoryUnit` (the state in docs/long_context_memory.md,
 section 2), created on the layer's first call.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`mllm-eff quick-start`: the QuickLlama command line (CONTEXT_MEMORY.md section 11).
+"""`mllm-eff quick-start`: the QuickLlama command line (docs/long_context_memory.md, "Command line").
 
     mllm-eff quick-start --prompt prompts.txt --yaml configs/memory/llama3-qllm-2k.yaml \
         --non-query-aware false --question "What is the pass key?" --record-csv true --model qwen2.5-coder-0.5b

@@ -1,4 +1,4 @@
-"""`MemoryConfig`: the settings shared by the block-memory methods (CONTEXT_MEMORY.md sections 1-8).
+"""`MemoryConfig`: the settings shared by the block-memory methods (docs/long_context_memory.md).
 
 One frozen dataclass per method (subclasses below the shared base) so the registry keeps one config class per
 name; the methods differ in `kind` (what the global stage sees and where queries are rotated) and defaults.

@@ -1,4 +1,4 @@
-"""Attaching a block-memory method to a model (CONTEXT_MEMORY.md section 9).
+"""Attaching a block-memory method to a model (docs/long_context_memory.md, "How it attaches").
 
 - forward hooks on every attention module's `q_proj` / `k_proj` capture the raw (unrotated) projections;
 - a pre-hook on the decoder stack puts a `BlockMemoryCache` in place of a missing or empty cache (so plain

@@ -1,6 +1,6 @@
 """InfLLM: sinks + local window + top-k retrieved memory blocks, chunked prefill.
 
-Algorithm: CONTEXT_MEMORY.md (sections 1-7); settings: `InfLLMConfig` (memory/config.py).
+Algorithm: docs/long_context_memory.md; settings: `InfLLMConfig` (memory/config.py).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """LM-Infinite: local window + sinks at a fixed distance n_local - 1 (Lambda mask with a distance ceiling).
 
-Algorithm: CONTEXT_MEMORY.md (sections 1-7); settings: `LMInfiniteConfig` (memory/config.py).
+Algorithm: docs/long_context_memory.md; settings: `LMInfiniteConfig` (memory/config.py).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Q-LLM (QuickLLaMA): InfLLM block memory with a query-aware retrieval term (question_weight).
 
-Algorithm: CONTEXT_MEMORY.md (sections 1-7); settings: `QLLMConfig` (memory/config.py).
+Algorithm: docs/long_context_memory.md; settings: `QLLMConfig` (memory/config.py).
 """
 from __future__ import annotations
 

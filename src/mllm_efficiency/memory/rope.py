@@ -1,4 +1,4 @@
-"""Rotations at chosen positions with the model's own rotary embedding (CONTEXT_MEMORY.md section 5).
+"""Rotations at chosen positions with the model's own rotary embedding (docs/long_context_memory.md).
 
 Block memory never rotates at absolute positions: local keys sit at 0..n-1, global queries at one fixed
 position. The cos/sin come from the model's `rotary_emb` (its `inv_freq` and attention scaling, so Llama-3.1

@@ -1,5 +1,5 @@
 """The seed's Python API: `patch_hf(model, type, conf)` and the chunked-prefill `GreedySearch` generator
-(CONTEXT_MEMORY.md sections 4 and 10).
+(docs/long_context_memory.md, "Python API").
 
     patch_hf(model, "qllm", conf.model)             # thin alias of mllm_efficiency.apply; handle on the model
     searcher = GreedySearch(model, tokenizer)

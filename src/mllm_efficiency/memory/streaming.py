@@ -1,6 +1,6 @@
 """StreamingLLM, memory variant: sinks + local window in prefill and decoding (sinks just before the window).
 
-Algorithm: CONTEXT_MEMORY.md (sections 1-7); settings: `StreamingMemoryConfig` (memory/config.py).
+Algorithm: docs/long_context_memory.md; settings: `StreamingMemoryConfig` (memory/config.py).
 """
 from __future__ import annotations
 

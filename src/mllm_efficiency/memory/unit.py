@@ -1,4 +1,4 @@
-"""The memory of one layer for one sequence and the attention over it (CONTEXT_MEMORY.md sections 2-4).
+"""The memory of one layer for one sequence and the attention over it (docs/long_context_memory.md).
 
 `MemoryUnit.process(q, k, v)` takes one call's raw (unrotated) queries and keys and its values, batch 1:
 q (H, L, D), k and v (Hkv, L, D); it returns the attention output (H, L, D). Per execution block of

@@ -1,4 +1,4 @@
-"""YAML configs of the QuickLlama / InfLLM kind (CONTEXT_MEMORY.md section 8), validated.
+"""YAML configs of the QuickLlama / InfLLM kind (docs/long_context_memory.md), validated.
 
     cfg = load_memory_config("configs/memory/llama3-qllm-2k.yaml")
     me.apply(model, cfg.method, **cfg.kwargs)      # or patch_hf(model, cfg.type, cfg.model)

@@ -1,5 +1,5 @@
 """FastV (arXiv 2403.06764): after layer K-1, drop the fraction R of visual tokens that receive the least
-attention from the last query row of layer K-1. Spec: shared/design/FASTV.md.
+attention from the last query row of layer K-1. Spec: docs/token_pruning.md.
 
 Keep count: keep(N, R) = clamp(round(N * (1 - R)), 1, N) per sample (Python round, ties to even, as in the
 llava-hf FastV path), or per image/video span with grouping="per_span". Text tokens are never dropped.

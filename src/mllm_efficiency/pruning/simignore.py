@@ -4,7 +4,7 @@ At the LLM input, image token embeddings E_img (N x d, after the projector) and 
 (T x d, from the LLM's input embedding table) are L2-normalised; the N*T cosine pairs are sorted in
 descending order and walked from rank `start` with step `stride`, collecting distinct image tokens until
 `keep` are found. The other image tokens are masked as keys (`action="mask"`, the paper's setting) or
-removed before layer 0 (`action="drop"`, the variant that saves compute). Spec: FASTV.md §14.
+removed before layer 0 (`action="drop"`, the variant that saves compute). Spec: docs/token_pruning.md.
 
 Text side (`text_source`): "text_after_image" (prompt tokens after the last visual token: the question of a
 free-form prompt), "prompt" (every non-visual prompt token), "span" (an explicit prompt span), or "explicit"

@@ -1,4 +1,4 @@
-"""AdapTiV (MICRO 2024), as the Focus repository re-implements it for LLMs (VIDEO.md section 8): once, at
+"""AdapTiV (MICRO 2024), as the Focus repository re-implements it for LLMs (docs/video.md): once, at
 layer 0 before attention (prefill), each visual token is compared with its top and left neighbours in the
 same frame by sign similarity `(#equal signs - #different signs) / dim`; a token whose best similarity is
 >= `threshold` is dropped without averaging. Row 0, column 0 and the first frame of a multi-frame input are

@@ -1,4 +1,4 @@
-"""CMC (ASPLOS 2024), as the Focus repository re-implements it for LLMs (VIDEO.md section 7). Emulation only.
+"""CMC (ASPLOS 2024), as the Focus repository re-implements it for LLMs (docs/video.md). Emulation only.
 
 Frames form groups of `interval_size` (8); the I-frame is the 4th frame of each group. Every token of a group
 is matched to the I-frame token with the smallest L1 distance (SAD); it is non-informative when

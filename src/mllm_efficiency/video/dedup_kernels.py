@@ -1,4 +1,4 @@
-"""Fused Triton kernels of the token_dedup fast path (VIDEO.md section 4.2): what eager PyTorch does in many
+"""Fused Triton kernels of the token_dedup fast path (docs/video.md, "focus"): what eager PyTorch does in many
 full-width fp32 passes, one pass over the GEMM input in its own dtype.
 
 - `choose_codes`: per row, the cosine to each of its K candidate rows (fp32 accumulation of the norms and dot

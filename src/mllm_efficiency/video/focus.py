@@ -1,5 +1,5 @@
 """Focus (arXiv 2512.14661): semantic concentration (prompt-guided progressive pruning) and similarity
-concentration (vector-wise dedup of GEMM inputs). Spec: shared/design/VIDEO.md sections 2-4.
+concentration (vector-wise dedup of GEMM inputs). Spec: docs/video.md.
 
 SEC: at every `selected_layers[i]` the text rows after the visual span score each surviving grid token
 (attention probabilities, max over heads then max over rows, computed from the post-RoPE q/k by the method,

