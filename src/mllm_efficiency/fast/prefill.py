@@ -50,6 +50,7 @@ class ShapePlan:
         self.runs = 0
 
     # ------------------------------------------------------------------------------------------- prefill
+    @torch.inference_mode()
     def prefill(self, text_inputs: dict, entry_ids) -> torch.Tensor:
         """Run the prompt (copied into the static inputs); returns the last position's logits (B, V)."""
         for k, t in self.inputs.items():
@@ -131,6 +132,7 @@ class ShapePlan:
             vars(obj).update(fields)
 
     # ------------------------------------------------------------------------------------------- decode
+    @torch.inference_mode()
     def start_decode(self, first_positions: torch.Tensor, first_ids: torch.Tensor) -> None:
         if self.step_pos is None:
             self.step_pos = first_positions.clone()
@@ -141,6 +143,7 @@ class ShapePlan:
         self.step_count.zero_()
         self.step_ids.copy_(first_ids)
 
+    @torch.inference_mode()
     def step(self) -> torch.Tensor:
         """One greedy decode step: the logits (B, V) for the token after `step_ids`; `step_ids` then holds the
         argmax (the next step's input)."""
