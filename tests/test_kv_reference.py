@@ -371,7 +371,8 @@ def test_lookm_text_prior_and_pivot_merge(llava_models, ratio):
     full = cache_of(model(**inputs, use_cache=True))
     visual, _ = _visual_rows(ids)
     keep = keep_of(L, ratio)
-    cache, _ = compressed(model, "lookm", inputs, ratio=ratio)
+    # LOOK-M's averaged merging; the default pivotal merging is checked in test_kv_parity.py
+    cache, _ = compressed(model, "lookm", inputs, ratio=ratio, merge="average")
     for i in range(NL):
         ref = ref_lookm(A[i], keep, visual)
         for h in range(2):
@@ -398,7 +399,7 @@ def test_lookm_same_modality_merges_within_modality(llava_models):
     L = ids.shape[1]
     full = cache_of(model(**inputs, use_cache=True))
     visual, _ = _visual_rows(ids)
-    cache, _ = compressed(model, "lookm", inputs, ratio=0.5, merge="same_modality")
+    cache, _ = compressed(model, "lookm", inputs, ratio=0.5, merge="average", merge_scope="same_modality")
     plain, _ = compressed(model, "lookm", inputs, ratio=0.5, merge="none")
     for i in range(NL):
         for h in range(2):
