@@ -386,7 +386,8 @@ def test_vlcache_different_window_per_layer_and_shared_heads(llava_models):
 
 # --------------------------------------------------------------------------------------------- merge option
 @pytest.mark.parametrize("method,cfg", [("h2o", {}), ("snapkv", dict(window=4)), ("pyramidkv", dict(window=4)),
-                                        ("snapkv", dict(window=4, head_adaptive=False))])
+                                        ("snapkv", dict(window=4, head_adaptive=False)),
+                                        ("adakv", dict(window=4))])  # ragged heads: filler slots
 @pytest.mark.parametrize("how", ["pivot", "average"])
 def test_merge_option_follows_lookm_formula(models, method, cfg, how):
     """Per KV head, every slot that head evicted (even if another head kept it) joins that head's most similar
@@ -475,3 +476,21 @@ def test_existing_valid_adakv_uses_still_accepted(models):
                 dict(base="pyramidkv", schedule="kvcache_factory"), dict(merge="pivot")):
         with me.apply(models[0], "adakv", ratio=0.5, window=4, **cfg):
             models[0](input_ids=ids_of(24, 17), use_cache=True)
+
+
+def test_merge_filler_slot_never_unmarks_a_kept_slot():
+    """A filler slot (valid False) gathers slot 0; slot 0 kept by the same head must stay a pivot, not be merged
+    into itself as if evicted."""
+    from types import SimpleNamespace
+
+    from mllm_efficiency.kv.merge import merge_evicted
+
+    g = torch.Generator().manual_seed(0)
+    key, value = torch.randn(1, 1, 5, 4, generator=g), torch.randn(1, 1, 5, 4, generator=g)
+    inp = SimpleNamespace(key=key, value=value, real=torch.ones(1, 5, dtype=torch.bool), visual=None)
+    idx = torch.tensor([[[0, 3, 0]]])  # kept 0 and 3, then a filler pointing at slot 0
+    valid = torch.tensor([[[True, True, False]]])
+    k, v = merge_evicted(inp, idx, valid, "pivot")
+    k_ref, v_ref = ref_merge(key[0, 0].to(DT), value[0, 0].to(DT), [0, 3], "pivot")
+    torch.testing.assert_close(k[0, 0, :2].to(DT), k_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(v[0, 0, :2].to(DT), v_ref, atol=1e-6, rtol=0)

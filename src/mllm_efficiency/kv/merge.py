@@ -31,7 +31,8 @@ def merge_evicted(inp, idx: torch.Tensor, valid: torch.Tensor, how: str = "pivot
     K = idx.shape[-1]
     kept_k = key.gather(2, idx[..., None].expand(-1, -1, -1, D)).float()
     kept_v = value.gather(2, idx[..., None].expand(-1, -1, -1, value.shape[-1])).float()
-    kept = torch.zeros(B, Hkv, S, dtype=torch.bool, device=key.device).scatter(2, idx, valid)
+    # scatter_add: filler slots point at slot 0 with valid False and must not unmark a kept slot 0
+    kept = torch.zeros(B, Hkv, S, dtype=torch.long, device=key.device).scatter_add(2, idx, valid.long()) > 0
     evicted = inp.real[:, None] & ~kept  # per head: a slot another head kept is still evicted here
     pivots = F.normalize(kept_k, dim=-1)
     kept_visual = None
