@@ -227,7 +227,8 @@ def test_pyramidkv_budgets_and_selection(models, ratio):
 
 
 def test_pyramidkv_infeasible_falls_back_to_uniform(models):
-    """max_b = 2b - b/20 > L - w: every layer keeps `keep` (kvpress behaviour); 'cap' caps max_b instead."""
+    """max_b = 2b - b/20 > L - w: every layer keeps `keep` (this library's fallback; kvpress and KVCache-Factory
+    cap first); 'cap' caps max_b instead."""
     model, _ = models
     L = 40
     cache, _ = compressed(model, "pyramidkv", dict(input_ids=ids_of(L, 6)), ratio=0.2, window=4)
@@ -362,7 +363,7 @@ def ref_lookm(A, keep, visual):
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.8])
-def test_lookm_text_prior_and_pivot_merge(llava_models, ratio):
+def test_lookm_text_prior_and_average_merge(llava_models, ratio):
     model, eager = llava_models
     ids, pv = llava_prompt(num_images=2, seed=1)
     inputs = dict(input_ids=ids, pixel_values=pv)
