@@ -23,9 +23,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import cache_of
 
 import mllm_efficiency as me
-from conftest import cache_of
 from mllm_efficiency.errors import ConfigError
 from mllm_efficiency.testing import IMAGE_TOKEN, llava_prompt, tiny_llama_lm, tiny_llava
 

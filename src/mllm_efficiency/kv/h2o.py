@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from ..config import check_choice
 from ..registry import register_method
 from . import primitives as P
-from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection, check_fraction, check_parity_options
+from .base import (
+    AttachedKV,
+    KVConfig,
+    LayerInput,
+    Policy,
+    Selection,
+    check_fraction,
+    check_parity_options,
+)
 from .merge import merge_fn
 
 

@@ -13,7 +13,15 @@ import torch
 from ..config import check_int
 from ..registry import register_method
 from . import primitives as P
-from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection, check_parity_options, check_pooling
+from .base import (
+    AttachedKV,
+    KVConfig,
+    LayerInput,
+    Policy,
+    Selection,
+    check_parity_options,
+    check_pooling,
+)
 from .merge import merge_fn
 
 

@@ -26,7 +26,16 @@ import torch
 from ..config import check_choice, check_int
 from ..registry import register_method
 from . import primitives as P
-from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection, check_flag, check_fraction, check_parity_options
+from .base import (
+    AttachedKV,
+    KVConfig,
+    LayerInput,
+    Policy,
+    Selection,
+    check_flag,
+    check_fraction,
+    check_parity_options,
+)
 from .merge import merge_fn
 
 SCORED_SHARE = 0.9  # of the kept budget; the rest is the recent window
