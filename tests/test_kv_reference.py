@@ -227,7 +227,8 @@ def test_pyramidkv_budgets_and_selection(models, ratio):
 
 
 def test_pyramidkv_infeasible_falls_back_to_uniform(models):
-    """max_b = 2b - b/20 > L - w: every layer keeps `keep` (kvpress behaviour); 'cap' caps max_b instead."""
+    """max_b = 2b - b/20 > L - w: every layer keeps `keep` (this library's fallback; kvpress and KVCache-Factory
+    cap first); 'cap' caps max_b instead."""
     model, _ = models
     L = 40
     cache, _ = compressed(model, "pyramidkv", dict(input_ids=ids_of(L, 6)), ratio=0.2, window=4)
@@ -362,7 +363,7 @@ def ref_lookm(A, keep, visual):
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.8])
-def test_lookm_text_prior_and_pivot_merge(llava_models, ratio):
+def test_lookm_text_prior_and_average_merge(llava_models, ratio):
     model, eager = llava_models
     ids, pv = llava_prompt(num_images=2, seed=1)
     inputs = dict(input_ids=ids, pixel_values=pv)
@@ -371,7 +372,8 @@ def test_lookm_text_prior_and_pivot_merge(llava_models, ratio):
     full = cache_of(model(**inputs, use_cache=True))
     visual, _ = _visual_rows(ids)
     keep = keep_of(L, ratio)
-    cache, _ = compressed(model, "lookm", inputs, ratio=ratio)
+    # LOOK-M's averaged merging; the default pivotal merging is checked in test_kv_parity.py
+    cache, _ = compressed(model, "lookm", inputs, ratio=ratio, merge="average")
     for i in range(NL):
         ref = ref_lookm(A[i], keep, visual)
         for h in range(2):
@@ -398,7 +400,7 @@ def test_lookm_same_modality_merges_within_modality(llava_models):
     L = ids.shape[1]
     full = cache_of(model(**inputs, use_cache=True))
     visual, _ = _visual_rows(ids)
-    cache, _ = compressed(model, "lookm", inputs, ratio=0.5, merge="same_modality")
+    cache, _ = compressed(model, "lookm", inputs, ratio=0.5, merge="average", merge_scope="same_modality")
     plain, _ = compressed(model, "lookm", inputs, ratio=0.5, merge="none")
     for i in range(NL):
         for h in range(2):

@@ -90,6 +90,21 @@ def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0, l
         raise ConfigError(f"{name} must be in {lo}{low}, {high}], got {value!r}")
 
 
+def check_flag(name: str, value: Any) -> None:
+    """A real bool (1, 0, "yes" and None are refused)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+MERGE_CHOICES = ("none", "pivot", "average")
+
+
+def check_parity_options(cfg) -> None:
+    """`merge` and `head_adaptive` of the scored KV methods (EffiVLM-Bench's options of the same names)."""
+    check_choice("merge", cfg.merge, MERGE_CHOICES)
+    check_flag("head_adaptive", cfg.head_adaptive)
+
+
 def check_pooling(pooling: str, kernel: int, group_reduce: str) -> None:
     check_choice("pooling", pooling, ("avg", "max", "none"))
     check_int("kernel_size", kernel, 1)

@@ -3,74 +3,76 @@
 Score = column sums over every prompt query (group mean). Text prior: every text token ranks above every
 visual token (an exact two-level order; the seed's "-10000 on visual scores" equals it only while column
 sums stay below 10000). Keep the recent `floor(recent_fraction * keep)` tokens plus the top rest.
-`merge="pivot"`: each evicted token of a head joins the kept token whose key is most cosine-similar (keys as
-stored, post-RoPE); a kept key/value becomes the mean of itself and the tokens that joined it.
-`"same_modality"` only merges text into text and visual into visual; `"none"` only evicts.
+With `hh_ratio` and `recent_ratio` (LOOK-M's and EffiVLM-Bench's options of those names) the budget is set
+by them instead: `max(1, floor(hh_ratio * L))` scored tokens plus the recent `max(1, floor(recent_ratio * L))`.
+
+Merging (kv.merge): each evicted token of a head joins the kept token whose key is most cosine-similar (keys
+as stored, post-RoPE). `merge="pivot"` (LOOK-M's pivotal merging, every public LOOK-M code path):
+`k' = (k + sum_i (p_i + k) / 2) / (1 + n)`, values alike; `"average"` (LOOK-M's averaged merging):
+`k' = (k + sum_i p_i) / (1 + n)`; `"same_modality"` is pivotal merging of text into text and visual into
+visual only (EffiVLM-Bench's `update_kv_only_merge_visual`), or `merge_scope="same_modality"` with any
+merge; `"none"` only evicts.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 
-import torch
-import torch.nn.functional as F
-
 from ..config import check_choice
+from ..errors import ConfigError
 from ..registry import register_method
 from . import primitives as P
 from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection, check_fraction
+from .merge import merge_fn
 
-MERGE_CHUNK = 512
+DEFAULT_RECENT_FRACTION = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
 class LookMConfig(KVConfig):
-    recent_fraction: float = 0.1
+    recent_fraction: float = DEFAULT_RECENT_FRACTION
     merge: str = "pivot"
+    merge_scope: str = "all"
     text_prior: bool = True
     group_reduce: str = "mean"
+    hh_ratio: float | None = None
+    recent_ratio: float | None = None
 
     def validate(self) -> None:
         super().validate()
         check_fraction("recent_fraction", self.recent_fraction)
-        check_choice("merge", self.merge, ("pivot", "same_modality", "none"))
+        check_choice("merge", self.merge, ("pivot", "average", "same_modality", "none"))
+        check_choice("merge_scope", self.merge_scope, ("all", "same_modality"))
         check_choice("text_prior", self.text_prior, (True, False))
         check_choice("group_reduce", self.group_reduce, ("mean", "max"))
+        if self.merge in ("none", "same_modality") and self.merge_scope != "all":
+            raise ConfigError(f"merge_scope has no effect with merge={self.merge!r}: leave it at 'all'")
+        if (self.hh_ratio is None) != (self.recent_ratio is None):
+            raise ConfigError("hh_ratio and recent_ratio go together (LOOK-M's heavy-hitter and recent shares of "
+                              "the prompt): give both or neither")
+        if self.hh_ratio is not None:
+            check_fraction("hh_ratio", self.hh_ratio, 0.0, 1.0, low_open=True)
+            check_fraction("recent_ratio", self.recent_ratio, 0.0, 1.0, low_open=True)
+            given = [n for n in ("ratio", "budget_tokens", "budgets") if getattr(self, n) is not None]
+            if self.recent_fraction != DEFAULT_RECENT_FRACTION:
+                given.append("recent_fraction")
+            if given:
+                raise ConfigError(f"hh_ratio / recent_ratio set the budget; {', '.join(given)} cannot be given "
+                                  "with them")
 
+    def split(self, length: int) -> tuple[int, int]:
+        """(scored, recent) token counts of the hh_ratio / recent_ratio mode for a prompt of `length`."""
+        return (max(1, math.floor(length * self.hh_ratio)), max(1, math.floor(length * self.recent_ratio)))
 
-def pivot_merge(inp: LayerInput, idx: torch.Tensor, valid: torch.Tensor, same_modality: bool):
-    """Keys and values (B, Hkv, K, D) of the kept slots `idx` after merging every evicted real slot into its
-    most similar kept key (cosine, per KV head)."""
-    key, value = inp.key, inp.value
-    B, Hkv, S, D = key.shape
-    idx = idx.expand(B, Hkv, -1)
-    valid = valid.expand(B, Hkv, -1)
-    K = idx.shape[-1]
-    kept_k = key.gather(2, idx[..., None].expand(-1, -1, -1, D)).float()
-    kept_v = value.gather(2, idx[..., None].expand(-1, -1, -1, value.shape[-1])).float()
-    kept = torch.zeros(B, Hkv, S, dtype=torch.bool, device=key.device).scatter(2, idx, valid)
-    evicted = inp.real[:, None] & ~kept
-    pivots = F.normalize(kept_k, dim=-1)
-    kept_visual = None
-    if same_modality and inp.visual is not None:
-        kept_visual = inp.visual.gather(1, idx.reshape(B, -1)).view(B, Hkv, K)
-    sum_k, sum_v = torch.zeros_like(kept_k), torch.zeros_like(kept_v)
-    count = torch.zeros(B, Hkv, K, device=key.device)
-    for start in range(0, S, MERGE_CHUNK):
-        sl = slice(start, min(start + MERGE_CHUNK, S))
-        k_e = key[:, :, sl].float()
-        sim = F.normalize(k_e, dim=-1) @ pivots.transpose(-1, -2)  # (B, Hkv, c, K)
-        allowed = valid[:, :, None, :]
-        if kept_visual is not None:
-            allowed = allowed & (inp.visual[:, None, sl, None] == kept_visual[:, :, None, :])
-        best_sim, best = sim.masked_fill(~allowed, float("-inf")).max(-1)
-        w = (evicted[:, :, sl] & (best_sim > float("-inf"))).float()
-        count.scatter_add_(2, best, w)
-        sum_k.scatter_add_(2, best[..., None].expand(-1, -1, -1, D), k_e * w[..., None])
-        v_e = value[:, :, sl].float()
-        sum_v.scatter_add_(2, best[..., None].expand(-1, -1, -1, v_e.shape[-1]), v_e * w[..., None])
-    denom = (1 + count)[..., None]
-    return ((kept_k + sum_k) / denom).to(key.dtype), ((kept_v + sum_v) / denom).to(value.dtype)
+    def keep(self, length: int) -> int:
+        if self.hh_ratio is None:
+            return super().keep(length)
+        return min(length, sum(self.split(length))) if length > 0 else 0
+
+    def describe(self) -> str:
+        if self.hh_ratio is None:
+            return super().describe()
+        return f"keeping {self.hh_ratio:.0%} heavy hitters + {self.recent_ratio:.0%} recent prompt tokens"
 
 
 class LookMPolicy(Policy):
@@ -83,12 +85,15 @@ class LookMPolicy(Policy):
         if cfg.text_prior and inp.visual is not None:
             # column sums are at most the number of rows, so this offset puts every text token first
             score = score + (~inp.visual).double()[:, None] * (inp.query.shape[2] + 1)
-        recent = inp.window_mask([math.floor(cfg.recent_fraction * k) for k in inp.keep])
-        merge = None
-        if cfg.merge != "none":
-            same = cfg.merge == "same_modality"
-            merge = lambda i, idx, valid: pivot_merge(i, idx, valid, same)  # noqa: E731
-        return Selection(score, (inp.real & ~recent)[:, None], recent[:, None], inp.keep, merge=merge)
+        if cfg.hh_ratio is None:
+            counts = [math.floor(cfg.recent_fraction * k) for k in inp.keep]
+        else:
+            counts = [min(cfg.split(n)[1], k) for n, k in zip(inp.lengths, inp.keep)]
+        recent = inp.window_mask(counts)
+        how, same = cfg.merge, cfg.merge_scope == "same_modality"
+        if how == "same_modality":
+            how, same = "pivot", True
+        return Selection(score, (inp.real & ~recent)[:, None], recent[:, None], inp.keep, merge=merge_fn(how, same))
 
 
 @register_method("lookm", family="kv", config_cls=LookMConfig,

@@ -7,6 +7,14 @@ sum_j (1 - sp_j)` clamped to [min_fraction, 1], blended with the uniform `(1 - r
 `adaptive_mix`. Token score = attention summed over the rows (group mean). Keep a recent window of
 `floor(window_fraction * (1 - ratio) * L)` tokens plus the top `floor(f_l * L)`. Needs every layer's
 sparsity, so the cache is cropped after the whole prefill forward (prefill peak memory is unchanged).
+
+`different_window_per_layer=True` (EffiVLM-Bench's `vlcache_different_window_per_layer`): the window is part of
+each layer's own budget instead of a fixed share of the mean one. `f_l = (1 - ratio) * n * (1 - sp_l) /
+sum_j (1 - sp_j)` clamped to [min_fraction / 0.9, 1] (blended with the uniform `1 - ratio` by `adaptive_mix`);
+layer l keeps `floor(f_l * L)` tokens, of which the recent `floor(window_fraction * f_l * L)` are the window.
+(EffiVLM-Bench keeps the window on top of `f_l * L`, 1.1 times the budget; here the budget holds.)
+`head_adaptive=False`: one kept set for all KV heads (scores averaged over the KV heads). `merge="pivot"` /
+`"average"` merges the evicted entries into the kept ones (kv.merge).
 """
 from __future__ import annotations
 
@@ -18,7 +26,17 @@ import torch
 from ..config import check_choice, check_int
 from ..registry import register_method
 from . import primitives as P
-from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection, check_fraction
+from .base import (
+    AttachedKV,
+    KVConfig,
+    LayerInput,
+    Policy,
+    Selection,
+    check_flag,
+    check_fraction,
+    check_parity_options,
+)
+from .merge import merge_fn
 
 SCORED_SHARE = 0.9  # of the kept budget; the rest is the recent window
 
@@ -31,6 +49,9 @@ class VLCacheConfig(KVConfig):
     window_fraction: float = 0.1
     min_fraction: float = 0.009
     fallback_rows: int = 32
+    different_window_per_layer: bool = False
+    head_adaptive: bool = True
+    merge: str = "none"
 
     def validate(self) -> None:
         super().validate()
@@ -40,6 +61,8 @@ class VLCacheConfig(KVConfig):
         check_fraction("min_fraction", self.min_fraction)
         check_int("fallback_rows", self.fallback_rows, 1)
         check_choice("layer_adaptive", self.layer_adaptive, (True, False))
+        check_flag("different_window_per_layer", self.different_window_per_layer)
+        check_parity_options(self)
 
 
 @dataclasses.dataclass
@@ -99,26 +122,39 @@ class VLCachePolicy(Policy):
         out, fractions = {}, []
         for li, i in enumerate(layers):
             inp, rec = records[i]
-            keep, fr = [], []
+            keep, w, fr = [], [], []
             for b, L in enumerate(inp.lengths):
-                kept = cfg.kept_fraction(L)
-                uniform = kept * SCORED_SHARE
-                f = uniform
-                if cfg.layer_adaptive:
-                    total = sum(density[j][b] for j in range(n))
-                    f = uniform * n * density[li][b] / total if total > 0 else uniform
-                    f = min(1.0, max(cfg.min_fraction, f))
-                    f = (1 - cfg.adaptive_mix) * uniform + cfg.adaptive_mix * f
-                window = math.floor(cfg.window_fraction * kept * L)
-                keep.append(max(1, min(L, window + math.floor(f * L))))
+                total = sum(density[j][b] for j in range(n))
+                f, k, wb = self._layer_budget(L, n, density[li][b], total)
+                keep.append(k)
+                w.append(wb)
                 fr.append(f)
             fractions.append(fr)
-            w = [math.floor(cfg.window_fraction * cfg.kept_fraction(L) * L) for L in inp.lengths]
-            w = [min(x, k) for x, k in zip(w, keep)]
             window = inp.window_mask(w)
-            out[i] = Selection(rec.score, (inp.real & ~window)[:, None], window[:, None], keep)
+            score = rec.score if cfg.head_adaptive else rec.score.mean(1, keepdim=True)
+            out[i] = Selection(score, (inp.real & ~window)[:, None], window[:, None], keep,
+                               merge=merge_fn(cfg.merge))
         self.stats.budget_fractions = fractions
         return out
+
+    def _layer_budget(self, L: int, n: int, density: float, total: float) -> tuple[float, int, int]:
+        """(f_l, tokens kept, window) of one layer and sample of length L."""
+        cfg = self.config
+        kept = cfg.kept_fraction(L)
+        per_layer = cfg.different_window_per_layer
+        uniform = kept if per_layer else kept * SCORED_SHARE
+        f = uniform
+        if cfg.layer_adaptive:
+            f = uniform * n * density / total if total > 0 else uniform
+            f = min(1.0, max(cfg.min_fraction / SCORED_SHARE if per_layer else cfg.min_fraction, f))
+            f = (1 - cfg.adaptive_mix) * uniform + cfg.adaptive_mix * f
+        if per_layer:
+            k = max(1, min(L, math.floor(f * L)))
+            window = math.floor(cfg.window_fraction * f * L)
+        else:
+            window = math.floor(cfg.window_fraction * kept * L)
+            k = max(1, min(L, window + math.floor(f * L)))
+        return f, k, min(window, k)
 
 
 @register_method("vlcache", family="kv", config_cls=VLCacheConfig,
