@@ -165,3 +165,47 @@ def test_cache_size_counts_one_row_of_a_batched_cache():
         cache, past_key_values = "new", "old"
 
     assert cache_of(Output()) == "new"
+
+
+# ------------------------------------------------------------------------------- the plugin's fast path, in-process
+@pytest.mark.skipif(not HAS_LMMS_EVAL, reason="lmms-eval is not installed (pip install -e '.[eval]')")
+def test_plugin_fast_path_batched_equals_stock(tmp_path):
+    """fast=true with batch_size 3 (grouped by prompt shape) gives the stock path's texts in request order, and
+    its efficiency rows say which path ran."""
+    from types import SimpleNamespace
+
+    from mllm_efficiency.eval import synthetic
+    from mllm_efficiency.eval.local_processor import tiny_llava_processor
+    from mllm_efficiency.eval.plugin import MLLMEfficiency
+    from mllm_efficiency.fast import release
+    from mllm_efficiency.testing import tiny_llava
+
+    model_dir = tmp_path / "tiny-llava"
+    tiny_llava().save_pretrained(model_dir)
+    tiny_llava_processor().save_pretrained(model_dir)
+    samples = synthetic.make_samples(5)
+    docs = [{"image": synthetic.render(s), "question": synthetic.prompt_text(s)} for s in samples]
+    contexts = ["What shape is in the top row?"] * 3 + ["How many shapes are there?"] * 2  # two prompt shapes
+    requests = [SimpleNamespace(args=(c, {"max_new_tokens": 4, "until": ["\n"]}, lambda doc: [doc["image"]], i,
+                                      "t", "test")) for i, c in enumerate(contexts)]
+    texts = {}
+    for fast in ("false", "true"):
+        plugin = MLLMEfficiency(pretrained=str(model_dir), method="fastv", ratio=0.75, fast=fast, batch_size=3,
+                                device="cpu")
+        plugin.task_dict = {"t": {"test": docs}}
+        texts[fast] = [r.text if hasattr(r, "text") else r for r in plugin.generate_until(requests)]
+        paths = {row["path"] for row in plugin.efficiency_rows}
+        assert paths == ({"stock"} if fast == "false" else {"fast-eager"})
+        assert sorted(row["doc_id"] for row in plugin.efficiency_rows) == list(range(5))
+        assert all(row["batch"] in (2, 3) for row in plugin.efficiency_rows)  # two prompt shapes: 3 + 2
+        assert all(row["kv_bytes"] > 0 for row in plugin.efficiency_rows)
+        release(plugin.model)
+    assert texts["true"] == texts["false"]
+
+
+def test_plugin_rejects_a_bad_fast_value():
+    from mllm_efficiency.eval.plugin import _fast_setting
+
+    assert _fast_setting("AUTO") == "auto" and _fast_setting("true") is True and _fast_setting(False) is False
+    with pytest.raises(Exception, match="fast must be auto, true or false"):
+        _fast_setting("sometimes")

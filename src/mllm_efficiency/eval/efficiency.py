@@ -114,9 +114,10 @@ def prefill_tflops(model, prompt_tokens: int, kept: int, k: int | None) -> float
 
 
 def measure(model, handles, clock: StepClock, output, prompt_tokens: int, visual_tokens: int,
-            generated_tokens: int, row: int = 0) -> SampleEfficiency:
+            generated_tokens: int, row: int = 0, kv: tuple[float, int] | None = None) -> SampleEfficiency:
+    """`kv`: (stored tokens per layer, bytes) when the cache is not `output`'s (the fast path's slot buffers)."""
     kept, layer, _ = kept_prompt_tokens(handles, prompt_tokens, row)
-    kv_tokens, kv_bytes = cache_size(cache_of(output), row)
+    kv_tokens, kv_bytes = kv if kv is not None else cache_size(cache_of(output), row)
     return SampleEfficiency(
         prefill_ms=clock.prefill_ms, decode_tokens_per_s=clock.decode_tokens_per_s(generated_tokens),
         generated_tokens=generated_tokens, prompt_tokens=prompt_tokens, visual_tokens=visual_tokens,

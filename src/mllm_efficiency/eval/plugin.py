@@ -11,6 +11,8 @@ model_args: ``pretrained`` (a model directory, or ``shapes-vlm`` = the embedded 
 or names joined by ``+``), any method parameter (bare = every method having it, ``name.param`` = one method),
 ``attn_implementation``, ``device``, ``device_map``, ``dtype``, ``batch_size``, ``max_new_tokens``,
 ``conv_template`` (chatml / vicuna / plain; default: the processor's chat template), ``max_frames_num``,
+``fast`` (``auto`` = `mllm_efficiency.generate`'s fast path on CUDA, ``true`` = on any device, ``false`` = stock
+``model.generate``; greedy requests only, sampling always runs ``model.generate``),
 ``customized_config`` (a JSON/YAML file of method parameters), ``efficiency_log`` (a .jsonl path for the
 per-sample efficiency numbers; a ``*.summary.json`` is written beside it; default: the environment variable
 ``MLLM_EFF_EFFICIENCY_LOG``, else only a one-line summary is printed).
@@ -49,7 +51,30 @@ VICUNA_TEMPLATE = ("{% for message in messages %}{% if loop.index0 == 0 %}A chat
 CONV_TEMPLATES = ("chatml", "vicuna", "plain")
 _RESERVED = {"pretrained", "method", "device", "device_map", "dtype", "batch_size", "attn_implementation",
              "max_new_tokens", "conv_template", "max_frames_num", "customized_config", "efficiency_log",
-             "trust_remote_code", "use_cache"}
+             "trust_remote_code", "use_cache", "fast"}
+
+
+def _fast_setting(value) -> str | bool:
+    text = str(value).strip().lower()
+    if text in ("auto",):
+        return "auto"
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"fast must be auto, true or false; got {value!r}")
+
+
+def _slot_kv(plan, row: int, new_tokens: int) -> tuple[float, int]:
+    """(mean stored tokens per layer, KV bytes of batch row `row`) of the fast path's cache at the end of a
+    generation: the prompt slots each layer kept plus the generated tokens."""
+    tokens, total = [], 0
+    for layer in plan.cache.layers:
+        n = layer.stored + new_tokens
+        per_slot = layer.keys[row, :, :1].numel() * layer.keys.element_size() * 2
+        tokens.append(n)
+        total += n * per_slot
+    return sum(tokens) / len(tokens), total
 
 
 def _load_params_file(path: str) -> dict:
@@ -105,7 +130,8 @@ class MLLMEfficiency(lmms):
                  device_map: str = "", dtype: str = "auto", batch_size: int | str = 1,
                  attn_implementation: str = "sdpa", max_new_tokens: int = 16, conv_template: str | None = None,
                  max_frames_num: int = 8, customized_config: str | None = None, efficiency_log: str | None = None,
-                 trust_remote_code: bool = False, use_cache: bool = True, **method_params: Any) -> None:
+                 trust_remote_code: bool = False, use_cache: bool = True, fast: str | bool = "auto",
+                 **method_params: Any) -> None:
         super().__init__()
         from accelerate import Accelerator
 
@@ -120,6 +146,7 @@ class MLLMEfficiency(lmms):
         if int(max_frames_num) < 1:
             raise ConfigError(f"max_frames_num must be >= 1, got {max_frames_num}")
         self.conv_template, self.max_frames_num = conv_template, int(max_frames_num)
+        self.fast_setting = _fast_setting(fast)
         self.max_new_tokens, self.use_cache = int(max_new_tokens), bool(use_cache)
 
         accelerator = Accelerator()
@@ -140,6 +167,7 @@ class MLLMEfficiency(lmms):
         if self._tokenizer.pad_token_id is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
         self.handles = self.chain.apply(model)
+        self.fast = self.fast_setting is True or (self.fast_setting == "auto" and self._device.type == "cuda")
         self.efficiency_rows: list[dict] = []
         log = efficiency_log or os.environ.get("MLLM_EFF_EFFICIENCY_LOG")
         if log and self._world_size > 1:
@@ -218,29 +246,56 @@ class MLLMEfficiency(lmms):
         return (image_token + "\n") * num_images + text
 
     # ---------------------------------------------------------------- generation
-    def _generate_batch(self, contexts: list[str], visuals: list[list], gen_kwargs: dict) -> list[str]:
-        """Texts of one generate() call; appends one efficiency row per sample to `efficiency_rows`."""
+    def _encode(self, context: str, visuals: list) -> dict:
+        """One sample's processor outputs (batch 1, on the CPU)."""
+        kwargs = dict(text=[self.build_prompt(context, len(visuals))], return_tensors="pt")
+        if visuals:
+            kwargs["images"] = visuals
+        return dict(self.processor(**kwargs))
+
+    def _collate(self, encoded: list[dict]) -> dict:
+        """One batch from samples of `_encode`: left-padded ids and mask when lengths differ, the other tensors
+        concatenated (pixel values, image sizes, grids)."""
+        lengths = {e["input_ids"].shape[1] for e in encoded}
+        batch: dict = {}
+        for key in encoded[0]:
+            parts = [e[key] for e in encoded]
+            if key in ("input_ids", "attention_mask", "mm_token_type_ids") and len(lengths) > 1:
+                L = max(lengths)
+                fill = self._tokenizer.pad_token_id if key == "input_ids" else 0
+                parts = [torch.nn.functional.pad(t, (L - t.shape[1], 0), value=fill) for t in parts]
+            batch[key] = torch.cat(parts, dim=0) if isinstance(parts[0], torch.Tensor) else parts
+        return batch
+
+    def _generate_batch(self, encoded: list[dict], gen_kwargs: dict) -> list[str]:
+        """Texts of one batch; appends one efficiency row per sample to `efficiency_rows`."""
         gen_kwargs = dict(gen_kwargs)
         until = gen_kwargs.pop("until", None)
         until = [until] if isinstance(until, str) else list(until or [])
         max_new = int(gen_kwargs.pop("max_new_tokens", self.max_new_tokens))
         temperature = float(gen_kwargs.pop("temperature", 0) or 0)
-        prompts = [self.build_prompt(c, len(v)) for c, v in zip(contexts, visuals)]
-        images = [im for v in visuals for im in v]
-        kwargs = dict(text=prompts, return_tensors="pt", padding=len(prompts) > 1)
-        if images:
-            kwargs["images"] = images
-        inputs = self.processor(**kwargs).to(self._device)
+        inputs = self._collate(encoded)
+        inputs = {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
         clock = efficiency.StepClock(self._device)
         sample = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        common = dict(max_new_tokens=max_new, streamer=clock, pad_token_id=self._tokenizer.pad_token_id, **sample)
+        fast = self.fast and self.use_cache and temperature == 0
         with torch.inference_mode():
-            out = self._model.generate(**inputs, max_new_tokens=max_new, streamer=clock, use_cache=self.use_cache,
-                                       return_dict_in_generate=True, pad_token_id=self._tokenizer.pad_token_id,
-                                       **sample)
+            if fast:
+                from ..fast import generate, session_for
+
+                sequences = generate(self._model, fast=True if self.fast_setting is True else "auto", **inputs,
+                                     **common)
+                plan = session_for(self._model).last_plan
+                out, path = None, f"fast-{plan.path}" if plan is not None and plan.runs else "stock"
+            else:
+                out = self._model.generate(**inputs, use_cache=self.use_cache, return_dict_in_generate=True,
+                                           **common)
+                sequences, plan, path = out.sequences, None, "stock"
         prompt_len = inputs["input_ids"].shape[1]
-        new = out.sequences[:, prompt_len:]
+        new = sequences[:, prompt_len:]
         image_id = getattr(self._model.config, "image_token_id", None)
         texts = []
         for row in range(new.shape[0]):
@@ -255,29 +310,40 @@ class MLLMEfficiency(lmms):
             texts.append(text.strip())
             real = int(inputs["attention_mask"][row].sum()) if "attention_mask" in inputs else prompt_len
             n_visual = int((inputs["input_ids"][row] == image_id).sum()) if image_id is not None else 0
-            eff = efficiency.measure(self._model, self.handles, clock, out, real, n_visual, max(n_gen, 1), row)
-            self.efficiency_rows.append({"method": self.chain.label, **eff.as_dict(), "batch": len(prompts)})
+            kv = _slot_kv(plan, row, new.shape[1]) if plan is not None else None
+            eff = efficiency.measure(self._model, self.handles, clock, out, real, n_visual, max(n_gen, 1), row,
+                                     kv=kv)
+            self.efficiency_rows.append({"method": self.chain.label, **eff.as_dict(), "batch": new.shape[0],
+                                         "path": path})
         return texts
 
     def generate_until(self, requests: list[Instance]) -> list:
+        """Requests are encoded one by one and batched by prompt shape (same token count, same visual tensor
+        shapes, same generation kwargs), so batches need no padding and the fast path reuses its graphs;
+        results come back in request order."""
         from tqdm import tqdm
 
-        results: list = []
         args = [r.args for r in requests]
+        groups: dict = {}
+        encoded: list = []
+        for i, (context, gen_kwargs, doc_to_visual, doc_id, task, split) in enumerate(args):
+            doc = self.task_dict[task][split][doc_id]
+            visuals = self._visuals(doc_to_visual(doc)) if doc_to_visual is not None else []
+            enc = self._encode(context, visuals)
+            encoded.append(enc)
+            shape = tuple((k, tuple(v.shape)) for k, v in sorted(enc.items()) if isinstance(v, torch.Tensor))
+            groups.setdefault((shape, json.dumps(gen_kwargs, sort_keys=True, default=str)), []).append(i)
+        results: list = [None] * len(args)
         pbar = tqdm(total=len(args), disable=self._rank != 0, desc="mllm_efficiency")
-        for start in range(0, len(args), self.batch_size_per_gpu):
-            chunk = args[start:start + self.batch_size_per_gpu]
-            contexts, visuals, gen_kwargs = [], [], chunk[0][1]
-            for context, _, doc_to_visual, doc_id, task, split in chunk:
-                doc = self.task_dict[task][split][doc_id]
-                contexts.append(context)
-                visuals.append(self._visuals(doc_to_visual(doc)) if doc_to_visual is not None else [])
-            texts = self._generate_batch(contexts, visuals, gen_kwargs)
-            rows = self.efficiency_rows[-len(chunk):]
-            for (_, _, _, doc_id, task, _), row in zip(chunk, rows):
-                row.update(doc_id=doc_id, task=task)
-            results.extend(self._result(t, r) for t, r in zip(texts, rows))
-            pbar.update(len(chunk))
+        for members in groups.values():
+            for start in range(0, len(members), self.batch_size_per_gpu):
+                chunk = members[start:start + self.batch_size_per_gpu]
+                texts = self._generate_batch([encoded[i] for i in chunk], args[chunk[0]][1])
+                rows = self.efficiency_rows[-len(chunk):]
+                for i, text, row in zip(chunk, texts, rows):
+                    row.update(doc_id=args[i][3], task=args[i][4])
+                    results[i] = self._result(text, row)
+                pbar.update(len(chunk))
         pbar.close()
         self._write_efficiency()
         self._print_summary()
