@@ -45,7 +45,8 @@ def add_commands(sub) -> None:
     p.add_argument("--batch", type=_int_at_least("batch", 1), default=1, help="identical rows per batch; default 1")
     p.add_argument("--decode", choices=DECODE_BACKENDS, default="hf",
                    help="decode backend: hf (plain HF loop), fast (mllm_efficiency.fast.FastDecoder), both (and "
-                        "their ratio), none; default hf")
+                        "their ratio), e2e (prompt -> --new-tokens tokens as a user runs it: the model's generate vs "
+                        "mllm_efficiency.generate, vision tower included), none; default hf")
     p.add_argument("--new-tokens", type=_int_at_least("new_tokens", 1), default=32,
                    help="timed decode steps per backend; default 32")
     p.add_argument("--decode-warmup", type=_int_at_least("decode_warmup", 0), default=4,

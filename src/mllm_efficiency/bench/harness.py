@@ -38,7 +38,7 @@ from .timing import TimingResult, environment_info, synchronize, time_cuda
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
-DECODE_BACKENDS = ("hf", "fast", "both", "none")
+DECODE_BACKENDS = ("hf", "fast", "both", "e2e", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +266,9 @@ class EntryRunner:
                         res["decode_fast"] = {"error": f"{type(e).__name__}: {e}"}
                         progress.log(f"{entry.label}: fast decode FAILED {res['decode_fast']['error']}")
                         self._free()
+                if s.decode == "e2e":
+                    progress.log(f"{entry.label}: end to end (stock generate, mllm_efficiency.generate)")
+                    res.update(self._end_to_end())
                 if s.decode == "both" and "error" not in res["decode_fast"]:
                     hf, fast = res["decode_hf"], res["decode_fast"]
                     res["fast_over_hf_speedup"] = hf["step"]["median_ms"] / fast["step"]["median_ms"]
@@ -339,6 +342,28 @@ class EntryRunner:
             return res
         finally:
             dec.close()
+
+    def _end_to_end(self) -> dict:
+        """Prompt -> `new_tokens` greedy tokens as a user runs it (vision tower included): the model's own
+        `generate` and `mllm_efficiency.generate` (the fast path), each generating exactly `new_tokens`."""
+        import mllm_efficiency as me
+
+        s, inputs, n = self.s, self.prompt.inputs, self.s.new_tokens
+        config = self.model.generation_config
+        saved = (config.eos_token_id, config.pad_token_id)
+        config.eos_token_id, config.pad_token_id = None, 0  # every arm generates exactly n tokens
+        try:
+            stock = time_cuda(lambda: self.model.generate(**inputs, max_new_tokens=n, do_sample=False),
+                              warmup=1, repeats=s.repeats, device=self.device)
+            fast = time_cuda(lambda: me.generate(self.model, **inputs, max_new_tokens=n, fast=True),
+                             warmup=2, repeats=s.repeats, device=self.device)
+        finally:
+            config.eos_token_id, config.pad_token_id = saved
+            from ..fast import release
+
+            release(self.model)
+        return {"e2e_hf": stock.as_dict(), "e2e_fast": fast.as_dict(),
+                "e2e_fast_over_hf": stock.median_ms / fast.median_ms}
 
     def _kv_bytes_per_token(self) -> int:
         sh = self.shape
@@ -489,6 +514,9 @@ def summary_rows(result: dict) -> list[dict]:
                             f"{tag}_decode_speedup": d.get("speedup")})
         if "fast_over_hf_speedup" in r:
             row["fast_over_hf"] = r["fast_over_hf_speedup"]
+        if "e2e_fast" in r:
+            row.update(e2e_hf_ms=r["e2e_hf"]["median_ms"], e2e_fast_ms=r["e2e_fast"]["median_ms"],
+                       e2e_fast_over_hf=r["e2e_fast_over_hf"])
         rows.append(row)
     return rows
 

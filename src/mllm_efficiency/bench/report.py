@@ -104,7 +104,8 @@ _BENCH_COLUMNS = [
     ("kv_reduction", "KV cut"), ("first_logits_max_diff", "logit Δ vs vanilla"), ("prefill_peak_gib", "prefill peak GiB"),
     ("hf_step_ms", "hf step ms"), ("hf_tok_s", "hf tok/s"), ("hf_over_roofline", "hf / roofline"),
     ("fast_step_ms", "fast step ms"), ("fast_tok_s", "fast tok/s"), ("fast_over_roofline", "fast / roofline"),
-    ("fast_over_hf", "fast / hf speedup"), ("roofline_ms", "roofline ms"),
+    ("fast_over_hf", "fast / hf speedup"), ("e2e_hf_ms", "generate ms (stock)"),
+    ("e2e_fast_ms", "generate ms (fast path)"), ("e2e_fast_over_hf", "fast path / stock"), ("roofline_ms", "roofline ms"),
     ("steady_gib", "steady GiB"), ("peak_gib", "peak GiB"), ("error", "error"),
 ]
 

@@ -32,10 +32,11 @@ _KV_ENGINE_ATTR = "_mllm_eff_kv_engine"
 
 class FastDecoder:
     def __init__(self, model, max_new_tokens: int, cuda_graph: bool = True, compile: bool = False,
-                 attention: str = "matmul", fuse_projections: bool = True):
+                 attention: str = "sdpa", fuse_projections: bool = True):
         """`cuda_graph`: capture the step once and replay it (CUDA devices only). `compile`: run the step through
         `torch.compile` first (fuses the norms, RoPE and elementwise ops into fewer kernels; tens of seconds of
-        compilation per prefill shape). `attention`: 'matmul' (grouped matmuls, fp32 softmax) or 'sdpa'.
+        compilation per prefill shape). `attention`: 'sdpa' (torch SDPA grouped by KV head, the default) or
+        'matmul' (grouped matmuls, fp32 softmax).
         `fuse_projections`: decode steps run each layer's q/k/v and gate/up projections as one GEMV each
         (`fast.fuse`; the parameters are views of the fused weights until `close()`)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

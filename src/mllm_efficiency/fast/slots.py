@@ -28,6 +28,7 @@ class SlotLayer(CacheLayerMixin):
         super().__init__()
         B, Hkv, stored, D = keys.shape
         self.stored = stored
+        capacity = -(-capacity // 8) * 8  # aligned rows for the fused attention kernels; extra slots stay -inf
         self.capacity = capacity
         self.keys = keys.new_zeros(B, Hkv, capacity, D)
         self.values = values.new_zeros(B, Hkv, capacity, values.shape[-1])
@@ -154,15 +155,17 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 
 def slot_attention_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA on the slot buffers, grouped by KV head: the G query heads of each KV head become G query rows
+    against that head's keys (no K/V expansion, no `enable_gqa`, which the masked kernels do not take), with
+    the slot bias as the mask."""
     bias = getattr(module, _BIAS_ATTR).unsqueeze(2).to(query.dtype)  # (B, 1 | Hkv, 1, C)
-    H, Hkv = query.shape[1], key.shape[1]
-    if bias.shape[1] != 1 and H != Hkv:
-        bias = bias.repeat_interleave(H // Hkv, dim=1)
+    B, H, q, D = query.shape
+    Hkv = key.shape[1]
     if scaling is None:
-        scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
-                                                           enable_gqa=H != Hkv)
-    return out.transpose(1, 2).contiguous(), None
+        scaling = getattr(module, "scaling", D ** -0.5)
+    grouped = query.reshape(B, Hkv, (H // Hkv) * q, D)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=bias, scale=scaling)
+    return out.reshape(B, H, q, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 _KERNELS = {"matmul": (SLOT_ATTENTION, slot_attention), "sdpa": (SLOT_ATTENTION_SDPA, slot_attention_sdpa)}
