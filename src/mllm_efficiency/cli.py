@@ -91,6 +91,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------- demo
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.k >= args.layers:
         parser.error(f"argument --k: k must be in [0, {args.layers - 1}] for a {args.layers}-layer model, "
@@ -101,7 +107,7 @@ def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     opts = DemoOptions(k=args.k, ratios=tuple(args.ratios), images=args.images, seed=args.seed,
                        num_layers=args.layers, image_size=args.image_size, new_tokens=args.new_tokens,
-                       threads=args.threads)
+                       threads=args.threads, device=args.device or ("cuda" if _cuda() else "cpu"))
     result = run_demo(opts)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
@@ -207,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="greedy tokens generated per run; default 8")
     demo.add_argument("--threads", type=_int_at_least("threads", 0), default=1,
                       help="torch CPU threads during the demo (0: leave torch's setting); default 1")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                      help="default cuda when available (generation then runs on the fast path), else cpu")
     demo.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     demo.set_defaults(run=lambda args: cmd_demo(args, demo))
 

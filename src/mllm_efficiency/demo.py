@@ -38,6 +38,7 @@ class DemoOptions:
     # nothing from more, and with the cores busy elsewhere multi-threaded tiny ops stall (seen: 700 ms per prefill
     # with 2 threads on a loaded 2-core machine vs 5 ms with 1).
     threads: int = 1
+    device: str = "cpu"  # "cuda": the same checks on a GPU; generation then runs on the fast path
 
 
 def _prompt(opts: DemoOptions):
@@ -55,8 +56,15 @@ def _prefill(model, inputs, use_cache: bool = True):
 
 
 def _generate(model, inputs, n: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
+    """n greedy tokens; on a GPU through `mllm_efficiency.generate` (the fast path users get), with the random
+    model's end-of-sequence id switched off so that exactly n come back, as min_new_tokens does on CPU."""
+    if inputs["input_ids"].device.type == "cuda":
+        from .fast import generate
+
+        out = generate(model, **inputs, max_new_tokens=n, eos_token_id=None, fast=True)
+    else:
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
@@ -136,8 +144,8 @@ def _run_demo(opts: DemoOptions, log: Callable[[str], None]) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     torch.manual_seed(opts.seed)
-    model = tiny_llava(num_layers=opts.num_layers, image_size=opts.image_size, seed=opts.seed)
-    input_ids, pixel_values = _prompt(opts)
+    model = tiny_llava(num_layers=opts.num_layers, image_size=opts.image_size, seed=opts.seed).to(opts.device)
+    input_ids, pixel_values = (t.to(opts.device) for t in _prompt(opts))
     inputs = {"input_ids": input_ids, "pixel_values": pixel_values,
               "attention_mask": torch.ones_like(input_ids)}
     L = input_ids.shape[1]
