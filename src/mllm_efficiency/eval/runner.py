@@ -69,6 +69,11 @@ def parse_ratio(text) -> float:
     return value
 
 
+# model-level options of the plugin that --method_args may carry too (not method parameters)
+MODEL_OPTIONS = ("fast", "batch_size", "dtype", "device", "max_new_tokens", "conv_template", "attn_implementation",
+                 "max_frames_num", "use_cache")
+
+
 def _method_params(run: EvalRun) -> dict:
     params = {}
     if split_names(run.method):
@@ -96,7 +101,7 @@ def validate(run: EvalRun) -> None:
     names = split_names(run.method)
     if not names and run.ratio != 0:
         raise ConfigError(f"RATIO must be 0 for method {run.method!r} (nothing is removed), got {run.ratio:g}")
-    parse_chain(run.method, _method_params(run))
+    parse_chain(run.method, {k: v for k, v in _method_params(run).items() if k not in MODEL_OPTIONS})
     if "--model_args" in run.extra or any(a.startswith("--model_args=") for a in run.extra):
         raise ConfigError("pass method parameters with --method_args k=v,...; --model_args is built by run_eval")
 
