@@ -28,10 +28,15 @@ def add_commands(sub) -> None:
     passed.add_argument("--lmms_args", default="", help="any other lmms-eval options, one quoted string")
     ev.set_defaults(run=cmd_eval, allow_extra=True)
 
-    rep = sub.add_parser("report", help="markdown table + plots across the lmms-eval runs under RESULTS_DIR")
+    rep = sub.add_parser(
+        "report", help="markdown table + plots across the lmms-eval runs under RESULTS_DIR",
+        description="Collect every lmms-eval result under RESULTS_DIR into report.md, report.json and one PNG per "
+                    "task/model (matplotlib, from the eval extra). Unreadable runs are skipped and listed. An "
+                    "existing report.md is replaced only with --force.")
     rep.add_argument("results_dir")
     rep.add_argument("--out", default=None, help="where report.md / report.json / PNGs go (default: RESULTS_DIR)")
-    rep.add_argument("--no-plots", action="store_true")
+    rep.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    rep.add_argument("--force", action="store_true", help="replace an existing report.md")
     rep.set_defaults(run=cmd_report)
 
 
@@ -82,8 +87,8 @@ def cmd_report(args) -> int:
     from .report import build_report
 
     try:
-        print(build_report(args.results_dir, args.out, with_plots=not args.no_plots))
-    except FileNotFoundError as e:
+        print(build_report(args.results_dir, args.out, with_plots=not args.no_plots, force=args.force))
+    except (FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
