@@ -1,0 +1,150 @@
+"""One error style on the command line: `error: ...` naming the parameter or file, exit code 2, before any model
+loads; `eval` passes the options it does not know to lmms-eval; MLLM_EFF_LAUNCHER starts lmms-eval."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mllm_efficiency.cli import main
+from mllm_efficiency.eval import cli as eval_cli
+from mllm_efficiency.eval import runner
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _one_error_line(err: str, needle: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle in lines[0], err
+
+
+# ------------------------------------------------------------------------------------------- eval pass-through
+@pytest.fixture
+def recorded(monkeypatch):
+    """execute() replaced by a recorder: the runs eval would start, nothing started."""
+    runs = []
+
+    def fake_execute(run, *a, **k):
+        runner.validate(run)
+        runs.append(run)
+        return 0
+
+    monkeypatch.setattr(runner, "execute", fake_execute)
+    return runs
+
+
+@pytest.mark.parametrize("entry", [main, eval_cli.main])
+def test_eval_passes_unknown_options_to_lmms_eval(entry, recorded):
+    rc = entry(["eval", "shapes_vqa", "shapes-vlm", "fastv", "0.5", "--seed", "1", "--limit", "3",
+                "--gen_kwargs=max_new_tokens=4", "--method_args", "k=2", "--predict_only"])
+    assert rc == 0
+    (run,) = recorded
+    assert run.method_args == "k=2"
+    assert run.extra == ["--limit", "3", "--seed", "1", "--gen_kwargs=max_new_tokens=4", "--predict_only"]
+    args = runner.lmms_args(run, None)
+    assert args[args.index("--seed") + 1] == "1"
+
+
+def test_eval_split_keeps_positionals_and_negative_ratio():
+    assert eval_cli.split_argv(["eval", "--seed", "1"]) == (["eval"], ["--seed", "1"])
+    assert eval_cli.split_argv(["eval", "t", "m", "fastv", "-0.1"]) == (["eval", "t", "m", "fastv", "-0.1"], [])
+    assert eval_cli.split_argv(["report", "d", "--seed", "1"]) == (["report", "d", "--seed", "1"], [])
+
+
+def test_other_verbs_still_reject_unknown_options(capsys):
+    assert main(["methods", "--seed", "1"]) == 2
+    assert "unrecognized arguments: --seed 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- model check
+@pytest.mark.parametrize("model, needle", [
+    ("/nonexistent/model", "MODEL '/nonexistent/model' does not exist"),
+    ("smollm2-135m", "text-only zoo alias"),
+    ("no-such-org/no-such-model", "does not exist"),
+])
+def test_eval_rejects_missing_model_before_lmms_eval(model, needle, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lmms_eval", None)
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert main(["eval", "shapes_vqa", model, "fastv", "0.5"]) == 2
+    _one_error_line(capsys.readouterr().err, needle)
+
+
+def test_eval_model_check_accepts_directories_with_config(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(Exception, match="without config.json"):
+        runner.check_model(str(tmp_path / "m"))
+    (tmp_path / "m" / "config.json").write_text("{}")
+    runner.check_model(str(tmp_path / "m"))
+    runner.check_model("shapes-vlm")
+
+
+def test_run_eval_sh_rejects_missing_model_fast():
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "run_eval.sh"), "shapes_vqa", "/nonexistent/model",
+                           "fastv", "0.5"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    _one_error_line(proc.stderr, "/nonexistent/model")
+    assert "[run_eval]" not in proc.stdout  # lmms-eval never started
+
+
+# ------------------------------------------------------------------------------------------- launcher
+FAKE_LAUNCHER = """import json, os, sys
+from pathlib import Path
+args = sys.argv[1:]
+out = Path(args[args.index("--output_path") + 1])
+(out / "m").mkdir(parents=True, exist_ok=True)
+(out / "m" / "20260101_000000_results.json").write_text(json.dumps({"results": {}, "config": {}}))
+Path(os.environ["LAUNCH_LOG"]).write_text(json.dumps(args))
+"""
+
+
+def test_launcher_variable_starts_lmms_eval(tmp_path, monkeypatch):
+    fake = tmp_path / "fake launcher.py"
+    fake.write_text(FAKE_LAUNCHER)
+    monkeypatch.setenv("MLLM_EFF_LAUNCHER", f"{sys.executable} '{fake}' --num_processes 2")
+    monkeypatch.setenv("LAUNCH_LOG", str(tmp_path / "log.json"))
+    run = runner.EvalRun("shapes_vqa", "shapes-vlm", "fastv", 0.5, "", [], str(tmp_path / "res"))
+    assert runner.execute(run) == 0
+    args = json.loads((tmp_path / "log.json").read_text())
+    assert args[:3] == ["--num_processes", "2", "-m"] and args[3] == "mllm_efficiency.eval.lmms_main"
+
+
+def test_launcher_variable_naming_a_missing_program(capsys, monkeypatch):
+    monkeypatch.setenv("MLLM_EFF_LAUNCHER", "no-such-launcher --num_processes 2")
+    assert main(["eval", "shapes_vqa", "shapes-vlm", "fastv", "0.5"]) == 2
+    _one_error_line(capsys.readouterr().err, "MLLM_EFF_LAUNCHER: 'no-such-launcher'")
+
+
+# ------------------------------------------------------------------------------------------- default job table
+def _fake_result(out: Path, run, n: int, stamp: str) -> Path:
+    path = out / "shapes-vlm" / f"{stamp}_results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = f"pretrained={run.model},method={run.method},ratio={run.ratio}"
+    path.write_text(json.dumps({"results": {"shapes_vqa": {"exact_match,none": 0.5}},
+                                "config": {"model_args": args}, "n-samples": {"shapes_vqa": {"effective": n}}}))
+    return path
+
+
+def test_default_job_table_shows_only_its_own_runs(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "results"
+    earlier = runner.EvalRun("shapes_vqa", "shapes-vlm", "fastv", 0.5, "", [], str(root))
+    _fake_result(earlier.output_dir, earlier, 20, "20250101_000000")  # an earlier `--limit 20` run, same tree
+
+    def fake_execute(run, *a, **k):
+        runner.validate(run)
+        results = _fake_result(run.output_dir, run, 200, "20260101_000000")
+        (run.output_dir / "run.json").write_text(json.dumps({"results": str(results)}))
+        return 0
+
+    monkeypatch.setattr(runner, "execute", fake_execute)
+    assert main(["eval", "--results_root", str(root)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| shapes_vqa")]
+    assert len(rows) == 2 and all("| 200 |" in r for r in rows), out
+    assert "| 20 |" not in out
