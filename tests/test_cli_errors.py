@@ -148,3 +148,53 @@ def test_default_job_table_shows_only_its_own_runs(tmp_path, monkeypatch, capsys
     rows = [line for line in out.splitlines() if line.startswith("| shapes_vqa")]
     assert len(rows) == 2 and all("| 200 |" in r for r in rows), out
     assert "| 20 |" not in out
+
+
+# ------------------------------------------------------------------------------------------- quick-start
+def _qs_files(tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Question: key?\nsome text")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  type: qllm\n  n_local: 64\n  exc_block_size: 32\n")
+    return prompt, cfg
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("bad_yaml_value", "block_size"),
+    ("yaml_syntax", "yaml: cannot parse"),
+    ("binary_yaml", "is not a UTF-8 text file"),
+    ("binary_prompt", "--prompt: "),
+    ("missing_prompt", "does not exist"),
+    ("missing_model", "/nonexistent/model"),
+])
+def test_quick_start_errors_are_one_line_rc2(case, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "omegaconf", None)  # the PyYAML path
+    prompt, cfg = _qs_files(tmp_path)
+    model = "/nonexistent/model" if case == "missing_model" else "/never/loaded"
+    if case == "bad_yaml_value":
+        cfg.write_text("model:\n  type: qllm\n  block_size: -3\n")
+    elif case == "yaml_syntax":
+        cfg.write_text("model:\n  type: [qllm\n  n_local: 64\n")
+    elif case == "binary_yaml":
+        cfg.write_bytes(b"\xff\xfe\x00model\x80\x81")
+    elif case == "binary_prompt":
+        prompt.write_bytes(b"\x89PNG\r\n\x1a\n\xff\x00")
+    elif case == "missing_prompt":
+        prompt = tmp_path / "nope.txt"
+    rc = main(["quick-start", "--prompt", str(prompt), "--yaml", str(cfg), "--model", model])
+    err = capsys.readouterr().err
+    assert rc == 2
+    _one_error_line(err, needle)
+    if case in ("yaml_syntax", "binary_yaml"):
+        assert str(cfg) in err
+    if case == "binary_prompt":
+        assert str(prompt) in err
+
+
+def test_memory_module_entry_prints_one_error_line(tmp_path, capsys):
+    from mllm_efficiency.memory import cli as memory_cli
+
+    prompt, cfg = _qs_files(tmp_path)
+    cfg.write_text("model:\n  type: nosuch\n")
+    assert memory_cli.main(["quick-start", "--prompt", str(prompt), "--yaml", str(cfg)]) == 2
+    _one_error_line(capsys.readouterr().err, "type must be one of")

@@ -67,10 +67,12 @@ def add_commands(sub) -> None:
 # ------------------------------------------------------------------ prompt files
 def read_prompts(path: str) -> list[dict]:
     """[{"id", "prompt", "question"|None}] from a Python list literal, JSONL or plain text file."""
+    from .yaml_config import read_text_file
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--prompt: file {path!r} does not exist")
-    text = p.read_text()
+    text = read_text_file(p, "--prompt")
     stripped = text.strip()
     if p.suffix == ".jsonl" or (stripped.startswith("{") and "\n{" in stripped):
         rows = []
@@ -79,8 +81,8 @@ def read_prompts(path: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"--prompt: line {i + 1} of {path!r} is not JSON: {exc}") from exc
-            if "prompt" not in row:
-                raise ConfigError(f"--prompt: JSONL row {i} has no 'prompt' field")
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ConfigError(f"--prompt: JSONL row {i} of {path!r} has no 'prompt' field")
             rows.append({"id": row.get("id", i), "prompt": row["prompt"], "question": row.get("question")})
         return rows
     if stripped.startswith("["):
@@ -344,11 +346,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mllm_efficiency.memory.cli")
     sub = parser.add_subparsers(dest="command")
     add_commands(sub)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ConfigError as e:  # bad value or file: one line, no traceback (as `mllm-eff quick-start`)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
