@@ -198,3 +198,14 @@ def test_memory_module_entry_prints_one_error_line(tmp_path, capsys):
     cfg.write_text("model:\n  type: nosuch\n")
     assert memory_cli.main(["quick-start", "--prompt", str(prompt), "--yaml", str(cfg)]) == 2
     _one_error_line(capsys.readouterr().err, "type must be one of")
+
+
+# ------------------------------------------------------------------------------------------- bench
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "tiny-llama", "--methods", "nosuch"], "unknown method"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+])
+def test_bench_errors_are_one_line_rc2(argv, needle, tmp_path, capsys):
+    assert main(["bench", *argv, "--out", str(tmp_path), "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, needle)
+    assert not (tmp_path / "bench.json").exists()
