@@ -2,8 +2,10 @@
 loads; `eval` passes the options it does not know to lmms-eval; MLLM_EFF_LAUNCHER starts lmms-eval."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +211,24 @@ def test_bench_errors_are_one_line_rc2(argv, needle, tmp_path, capsys):
     assert main(["bench", *argv, "--out", str(tmp_path), "--quiet"]) == 2
     _one_error_line(capsys.readouterr().err, needle)
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.slow  # ~30 s on 2 CPU cores: two lmms-eval processes each load shapes-vlm
+@pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None, reason="needs lmms-eval (the eval extra)")
+def test_launcher_runs_two_cpu_processes(tmp_path):
+    """MLLM_EFF_LAUNCHER with a real 2-process launch on CPU (accelerate's --multi_gpu starts torchrun with gloo
+    on a machine without GPUs): lmms-eval shards the questions over both ranks and gathers all of them."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.is_file():
+        pytest.skip("accelerate's launcher is not installed beside this Python")
+    env = {**os.environ, "MLLM_EFF_LAUNCHER": f"{shlex.quote(str(accelerate))} launch --multi_gpu --num_processes 2",
+           "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mllm_efficiency.cli", "eval", "shapes_vqa", "shapes-vlm", "fastv",
+                           "0.5", "--limit", "4", "--results_root", str(tmp_path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "--num_processes 2 -m mllm_efficiency.eval.lmms_main" in log
+    assert "on rank 1" in log, log[-3000:]
+    (result,) = (tmp_path / "shapes_vqa" / "shapes-vlm" / "fastv_0.5").rglob("*_results.json")
+    assert json.loads(result.read_text())["n-samples"]["shapes_vqa"]["effective"] == 4
