@@ -232,3 +232,12 @@ def test_launcher_runs_two_cpu_processes(tmp_path):
     assert "on rank 1" in log, log[-3000:]
     (result,) = (tmp_path / "shapes_vqa" / "shapes-vlm" / "fastv_0.5").rglob("*_results.json")
     assert json.loads(result.read_text())["n-samples"]["shapes_vqa"]["effective"] == 4
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--chunk-size", "0", "chunk_size must be >= 1"),
+                                                 ("--max-new-tokens", "-1", "max_new_tokens must be >= 0")])
+def test_quick_start_rejects_bad_sizes_before_loading(flag, value, needle, tmp_path, capsys):
+    prompt, cfg = _qs_files(tmp_path)
+    assert main(["quick-start", "--prompt", str(prompt), "--yaml", str(cfg), "--model", "/never/loaded",
+                 flag, value]) == 2
+    assert needle in capsys.readouterr().err

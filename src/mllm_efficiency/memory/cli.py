@@ -40,6 +40,8 @@ def _bool(text: str) -> bool:
 
 
 def add_commands(sub) -> None:
+    from ..cli import _int_at_least
+
     p = sub.add_parser("quick-start", aliases=["quickllama"],
                        help="run prompt files through a memory method from a YAML config (QuickLlama)")
     p.add_argument("--prompt", required=True, help="prompt file: Python list literal, plain text or JSONL")
@@ -53,11 +55,13 @@ def add_commands(sub) -> None:
                    help="true: CSV under --out-dir in the course layout; false; or a CSV file path")
     p.add_argument("--legacy-csv", "--legacy_csv", dest="legacy_csv", action="store_true",
                    help="write the course wrapper's CSV layout (one aggregate row, then 'Output i' rows)")
-    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens",
+                   type=_int_at_least("max_new_tokens", 0), default=None)
     p.add_argument("--model", default=None, help="model alias, GGUF file or HF directory (default: YAML model.path)")
     p.add_argument("--out-dir", "--out_dir", dest="out_dir", default="quick_start_results")
     p.add_argument("--baseline", action="store_true", help="stock model.generate with full attention")
-    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=None)
+    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=_int_at_least("chunk_size", 1),
+                   default=None)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the prefill progress bar")
