@@ -86,6 +86,16 @@ def test_eval_model_check_accepts_directories_with_config(tmp_path):
     runner.check_model("shapes-vlm")
 
 
+def test_eval_model_check_allows_hub_ids_only_when_online(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the user asked for downloads: lmms-eval may fetch it
+    runner.check_model("no-such-org/no-such-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(Exception, match="does not exist"):
+        runner.check_model("no-such-org/no-such-model")
+    with pytest.raises(Exception, match="does not exist"):
+        runner.check_model("a/b..c")  # an id the hub's validator rejects
+
+
 def test_run_eval_sh_rejects_missing_model_fast():
     env = {**os.environ, "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "scripts" / "run_eval.sh"), "shapes_vqa", "/nonexistent/model",
