@@ -56,5 +56,87 @@ def test_build_report_errors_name_the_directory(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         report.build_report(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="no lmms-eval results"):
+    with pytest.raises(FileNotFoundError, match="no usable lmms-eval results"):
         report.build_report(tmp_path)
+
+
+# ------------------------------------------------------------------------------- bad runs, paths, plots, overwrite
+def _results_file(root: Path, name: str, payload) -> Path:
+    path = root / "bad" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    return path
+
+
+def test_report_skips_and_lists_bad_runs(tmp_path):
+    write_run(tmp_path, "fastv", 0.5, "20261201_111111", 0.7, 150.0)
+    write_run(tmp_path, "vanilla", 0, "20261201_101010", 0.8, 300.0)
+    (tmp_path / "vanilla_0" / "efficiency.summary.json").write_text("{truncated")
+    results = {"shapes_vqa": {"exact_match,none": 0.5}}
+    _results_file(tmp_path, "a_results.json", {"results": results, "config": None})
+    _results_file(tmp_path, "b_results.json", {"results": results,
+                                               "config": {"model_args": "pretrained=x,method=fastv,ratio=abc"}})
+    _results_file(tmp_path, "c_results.json", "{not json")
+    got = report.collect_runs(tmp_path)
+    assert [(r["method"], r["score"]) for r in got.rows] == [("fastv", 0.7), ("vanilla", 0.8)]
+    assert got.rows[1]["prefill_ms"] is None and got.rows[0]["prefill_ms"] == 150.0
+    problems = "\n".join(got.problems)
+    assert len(got.problems) == 4, problems
+    for needle in ("a_results.json", "ratio='abc'", "c_results.json", "efficiency.summary.json"):
+        assert needle in problems
+    text = report.build_report(tmp_path, tmp_path / "out", with_plots=False)
+    assert "skipped or incomplete runs (4)" in text and "ratio='abc'" in text
+    assert "ratio='abc'" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_report_resolves_relative_efficiency_log_against_results_dir(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    res = root / "results" / "shapes_vqa" / "shapes-vlm"
+    write_run(res, "fastv", 0.75, "20261201_111111", 0.6, 130.0)
+    result = next(res.rglob("*_results.json"))
+    data = json.loads(result.read_text())  # what run_eval writes: relative to the directory it ran in
+    data["config"]["model_args"] = ("pretrained=shapes-vlm,method=fastv,ratio=0.75,"
+                                    "efficiency_log=results/shapes_vqa/shapes-vlm/fastv_0.75/efficiency.jsonl")
+    result.write_text(json.dumps(data))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert report.collect(res)[0]["prefill_ms"] == 130.0
+    monkeypatch.chdir(tmp_path)
+    assert report.collect(Path("repo/results"))[0]["prefill_ms"] == 130.0
+
+
+def test_report_refuses_to_overwrite_without_force(tmp_path, capsys):
+    from mllm_efficiency.eval import cli as eval_cli
+
+    write_run(tmp_path, "fastv", 0.5, "20261201_111111", 0.7, 150.0)
+    (tmp_path / "report.md").write_text("my notes")
+    assert eval_cli.main(["report", str(tmp_path), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "report.md exists" in err and "--force" in err
+    assert (tmp_path / "report.md").read_text() == "my notes"
+    assert eval_cli.main(["report", str(tmp_path), "--no-plots", "--force"]) == 0
+    assert "replaced the existing one" in capsys.readouterr().out
+    assert "| shapes_vqa |" in (tmp_path / "report.md").read_text()
+
+
+def test_report_says_when_plots_cannot_be_drawn(tmp_path, monkeypatch):
+    import sys
+
+    write_run(tmp_path, "fastv", 0.5, "20261201_111111", 0.7, 150.0)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    text = report.build_report(tmp_path)
+    assert "plots not drawn: matplotlib is not installed" in text and ".[eval]" in text
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_report_draws_plots(tmp_path):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path, "vanilla", 0, "20261201_101010", 0.8, 300.0)
+    write_run(tmp_path, "fastv", 0.5, "20261201_111111", 0.7, 150.0)
+    text = report.build_report(tmp_path)
+    pngs = list(tmp_path.glob("report_*.png"))
+    assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {pngs[0]}" in text

@@ -4,7 +4,9 @@
     mllm-eff demo                         # FastV on an embedded tiny LLaVA, offline, < 30 s on 2 CPU cores
     mllm-eff flops --preset llava-1.5-7b --k 2 --ratio 0.5 0.75 0.9
 
-`main(argv)` returns the exit code (0 ok, 1 a check failed or a module is missing, 2 bad arguments).
+`main(argv)` returns the exit code (0 ok, 1 a check failed or a module is missing, 2 bad arguments). Every
+verb reports a bad argument, value or file as one `error: ...` line on stderr (argparse adds its usage line for
+malformed options) and exits 2; `eval` passes options it does not know to lmms-eval.
 """
 from __future__ import annotations
 
@@ -259,7 +261,13 @@ def _add_family_commands(sub) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import ConfigError
+
     parser = build_parser()
+    from .eval.cli import split_argv
+
+    # `eval` passes the options it does not know to lmms-eval; other verbs reject them
+    argv, extra = split_argv(list(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad arguments, 0 on --help
@@ -267,10 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    args.extra = extra
     try:
         return args.run(args)
     except SystemExit as e:  # parser.error() inside a command
         return int(e.code) if isinstance(e.code, int) else 2
+    except ConfigError as e:  # a bad value or file found by a command: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

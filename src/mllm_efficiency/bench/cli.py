@@ -86,14 +86,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                  new_tokens=args.new_tokens, decode_warmup=args.decode_warmup, warmup=args.warmup,
                                  repeats=args.repeats, device=args.device, dtype=args.dtype, attn=args.attn,
                                  seed=args.seed, bandwidth_mib=args.bandwidth_mib, keep_going=not args.fail_fast)
-    except ConfigError as e:
-        parser.error(str(e))
+    except ConfigError as e:  # one `error:` line, exit 2, nothing built (the style of every mllm-eff verb)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         result = run_bench(settings, progress=not args.quiet)
     except ConfigError as e:
-        print(f"mllm-eff bench: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     paths = write_bench(result, args.out, stem=args.stem, plot=not args.no_plot)
     from .report import bench_markdown

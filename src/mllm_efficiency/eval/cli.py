@@ -1,19 +1,32 @@
-"""`mllm-eff eval TASK MODEL METHOD RATIO [lmms-eval args]` and `mllm-eff report RESULTS_DIR`."""
+"""`mllm-eff eval TASK MODEL METHOD RATIO [lmms-eval args]` and `mllm-eff report RESULTS_DIR`.
+
+Pass-through: the positionals come first; from the first option `eval` does not know (`--seed 1`,
+`--gen_kwargs=...`) every token that is not one of eval's own options goes to lmms-eval unchanged
+(`split_passthrough`). Errors print one `error: ...` line and exit 2 before lmms-eval starts.
+"""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 
 from ..errors import ConfigError
+
+_NUMBER = re.compile(r"-\d|-\.\d")  # "-0.1" is a (bad) RATIO, not an option
 
 
 def add_commands(sub) -> None:
     ev = sub.add_parser(
         "eval", help="evaluate a model + method through lmms-eval (no arguments: the offline embedded default)",
         description="Run lmms-eval with the mllm_efficiency model. RATIO is the fraction of tokens removed, in "
-                    "[0, 1). Results: results/<task>/<model>/<method>_<ratio>/. Unknown options (--limit N, "
-                    "--log_samples, --output_path P, ...) are passed to lmms-eval. With no positional arguments, "
-                    "runs the embedded default (shapes_vqa on shapes-vlm, vanilla and FastV) and prints the table.")
+                    "[0, 1). Results: results/<task>/<model>/<method>[-<method_args>]_<ratio>/ (e.g. "
+                    "fastv-k2_0.75). Options not listed here (--seed 1, --gen_kwargs ..., after the positionals) "
+                    "are passed to lmms-eval unchanged. MODEL: shapes-vlm, a Hugging Face model directory or a "
+                    "hub id in the local cache, checked before lmms-eval starts. MLLM_EFF_LAUNCHER (e.g. "
+                    "\"accelerate launch --num_processes 4\") replaces python as lmms-eval's launcher. With no "
+                    "positional arguments, runs the embedded default (shapes_vqa on shapes-vlm, vanilla and FastV) "
+                    "and prints the table of these runs.")
     ev.add_argument("task", nargs="?", help="lmms-eval task(s), e.g. shapes_vqa or textvqa_val")
     ev.add_argument("model", nargs="?", help="a model directory, or shapes-vlm (the embedded default)")
     ev.add_argument("method", nargs="?", help="vanilla, a method name, or a chain such as fastv+snapkv")
@@ -28,11 +41,69 @@ def add_commands(sub) -> None:
     passed.add_argument("--lmms_args", default="", help="any other lmms-eval options, one quoted string")
     ev.set_defaults(run=cmd_eval, allow_extra=True)
 
-    rep = sub.add_parser("report", help="markdown table + plots across the lmms-eval runs under RESULTS_DIR")
+    rep = sub.add_parser(
+        "report", help="markdown table + plots across the lmms-eval runs under RESULTS_DIR",
+        description="Collect every lmms-eval result under RESULTS_DIR into report.md, report.json and one PNG per "
+                    "task/model (matplotlib, from the eval extra). Unreadable runs are skipped and listed. An "
+                    "existing report.md is replaced only with --force.")
     rep.add_argument("results_dir")
     rep.add_argument("--out", default=None, help="where report.md / report.json / PNGs go (default: RESULTS_DIR)")
-    rep.add_argument("--no-plots", action="store_true")
+    rep.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    rep.add_argument("--force", action="store_true", help="replace an existing report.md")
     rep.set_defaults(run=cmd_report)
+
+
+def _own_options() -> tuple[set[str], set[str]]:
+    """(options of `eval` that take a value, flags of `eval`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_commands(parser.add_subparsers())
+    ev = parser._subparsers._group_actions[0].choices["eval"]  # noqa: SLF001
+    valued, flags = set(), set()
+    for action in ev._actions:  # noqa: SLF001
+        (flags if action.nargs == 0 else valued).update(action.option_strings)
+    return valued, flags
+
+
+def split_passthrough(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """Split the arguments after `eval` into (eval's own, lmms-eval's). eval's own options are recognised
+    anywhere; from the first other option on, every other token (option or value) is lmms-eval's; `--` sends the
+    rest to lmms-eval."""
+    valued, flags = _own_options()
+    mine, extra = [], []
+    passing = False
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        name = tok.split("=", 1)[0]
+        if tok == "--":
+            extra += tokens[i + 1:]
+            break
+        if name in valued:
+            take = 1 if "=" in tok else 2
+            mine += tokens[i:i + take]
+            i += take
+            continue
+        if tok in flags:
+            mine.append(tok)
+        elif tok.startswith("-") and tok != "-" and not _NUMBER.match(tok):
+            passing = True
+            extra.append(tok)
+        elif passing:
+            extra.append(tok)
+        else:
+            mine.append(tok)
+        i += 1
+    return mine, extra
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv for argparse, lmms-eval's pass-through options) for a whole command line; only `eval` passes any."""
+    argv = list(argv)
+    cmd = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if cmd is None or argv[cmd] != "eval":
+        return argv, []
+    mine, extra = split_passthrough(argv[cmd + 1:])
+    return argv[:cmd + 1] + mine, extra
 
 
 def _split_extra(args) -> list[str]:
@@ -49,21 +120,39 @@ def _split_extra(args) -> list[str]:
     return extra + list(getattr(args, "extra", None) or [])
 
 
-def cmd_eval(args) -> int:
-    from .runner import DEFAULT_MODEL, DEFAULT_RUNS, DEFAULT_TASK, EvalRun, execute, parse_ratio
+def _default_job(extra: list[str], root: str) -> int:
+    """The embedded default: each run of DEFAULT_RUNS, then the table of exactly these runs (earlier results in
+    the same directories are not shown), written to report.md beside them (replacing an earlier one, said so)."""
+    import json
+    import os
+
     from .report import build_report
+    from .runner import DEFAULT_MODEL, DEFAULT_RUNS, DEFAULT_TASK, EvalRun, execute, launcher_from_env, validate
+
+    runs = [EvalRun(DEFAULT_TASK, DEFAULT_MODEL, method, ratio, margs, extra, root)
+            for method, ratio, margs in DEFAULT_RUNS]
+    for run in runs:  # every check before the first run starts
+        validate(run)
+    launcher_from_env()
+    mine = set()
+    for run in runs:
+        rc = execute(run)
+        if rc:
+            return rc
+        mine.add(Path(json.loads((run.output_dir / "run.json").read_text())["results"]))
+    where = Path(os.path.commonpath([str(r.output_dir.absolute()) for r in runs]))
+    print(build_report(where, force=True, only=mine))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .runner import EvalRun, execute, parse_ratio
 
     extra = _split_extra(args)
     given = [a for a in (args.task, args.model, args.method, args.ratio) if a is not None]
     try:
         if not given:
-            root = args.results_root
-            for method, ratio, margs in DEFAULT_RUNS:
-                rc = execute(EvalRun(DEFAULT_TASK, DEFAULT_MODEL, method, ratio, margs, extra, root))
-                if rc:
-                    return rc
-            print(build_report(f"{root}/{DEFAULT_TASK}/{DEFAULT_MODEL}"))
-            return 0
+            return _default_job(extra, args.results_root)
         if len(given) != 4:
             missing = " ".join(("TASK", "MODEL", "METHOD", "RATIO")[len(given):])
             print(f"error: expected 4 arguments TASK MODEL METHOD RATIO, got {len(given)} (missing: {missing}); "
@@ -82,24 +171,26 @@ def cmd_report(args) -> int:
     from .report import build_report
 
     try:
-        print(build_report(args.results_dir, args.out, with_plots=not args.no_plots))
-    except FileNotFoundError as e:
+        print(build_report(args.results_dir, args.out, with_plots=not args.no_plots, force=args.force))
+    except (FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def main(argv=None) -> int:
-    """Stand-alone entry (used by scripts/run_eval.sh): unknown options go to lmms-eval."""
+    """Stand-alone entry (used by scripts/run_eval.sh): options eval does not know go to lmms-eval."""
     parser = argparse.ArgumentParser(prog="mllm-eff")
     sub = parser.add_subparsers(dest="command")
     add_commands(sub)
-    args, extra = parser.parse_known_args(argv)
+    argv, extra = split_argv(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
-    if extra and not getattr(args, "allow_extra", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     return args.run(args)
 

@@ -2,10 +2,18 @@
 
 Each lmms-eval results JSON gives the task scores and the model_args (method, ratio, efficiency_log); the
 efficiency summary written by the plugin beside its log gives prefill time, kept tokens, KV bytes and FLOPs.
+A relative efficiency_log (as run_eval writes it, relative to where the run started) is found under RESULTS_DIR
+by its trailing path components, so the report works from any directory and after the tree is moved.
+
+Bad runs never stop the report: an unreadable results file, a `"config": null`, a non-numeric ratio are skipped,
+an unreadable efficiency summary leaves that run's efficiency columns empty, and each is listed (`Collected.problems`).
+An existing report.md is replaced only with `force=True` (`mllm-eff report --force`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 from ..bench.timing import markdown_table
@@ -33,60 +41,127 @@ def _method_label(args: dict) -> str:
     return method + (f" ({', '.join(extras)})" if extras else "")
 
 
-def collect(results_dir: str | Path) -> list[dict]:
-    """One row per (task, model, method, ratio) from lmms-eval's result files under `results_dir`; a run repeated
-    into the same output folder keeps only its newest result (lmms-eval's file names start with the time)."""
+@dataclasses.dataclass
+class Collected:
+    rows: list[dict]
+    problems: list[str]  # "path: what is wrong (skipped | efficiency columns empty)"
+
+
+def summary_path(log: str, results_dir: Path) -> Path | None:
+    """The efficiency summary beside `log` (`efficiency_log` of a run): an absolute path that exists, else the
+    longest trailing part of the path that exists under `results_dir`, else (a relative log) under the cwd."""
+    summary = Path(log).with_suffix(".summary.json")
+    if summary.is_absolute() and summary.is_file():
+        return summary
+    parts = summary.parts[1:] if summary.is_absolute() else summary.parts
+    for i in range(len(parts)):
+        candidate = results_dir.joinpath(*parts[i:])
+        if candidate.is_file():
+            return candidate
+    if not summary.is_absolute() and summary.is_file():
+        return summary.absolute()
+    return None
+
+
+def _read_summary(log: str, results_dir: Path, problems: list[str]) -> dict:
+    path = summary_path(log, results_dir)
+    if path is None:
+        return {}
+    try:
+        eff = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        problems.append(f"{path}: unreadable efficiency summary ({e}); efficiency columns left empty")
+        return {}
+    if not isinstance(eff, dict):
+        problems.append(f"{path}: efficiency summary is not a JSON object; efficiency columns left empty")
+        return {}
+    return eff
+
+
+def _number(value):
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def collect(results_dir: str | Path, only: set[Path] | None = None) -> list[dict]:
+    """Rows of `collect_runs` (problems dropped)."""
+    return collect_runs(results_dir, only).rows
+
+
+def collect_runs(results_dir: str | Path, only: set[Path] | None = None) -> Collected:
+    """One row per (task, model, method, ratio) from lmms-eval's result files under `results_dir` (only the files
+    in `only`, when given); a run repeated into the same output folder keeps only its newest result (lmms-eval's
+    file names start with the time). Files that cannot be read are skipped and listed in `problems`."""
+    results_dir = Path(results_dir)
+    only = None if only is None else {Path(p).absolute() for p in only}
     runs: dict[tuple, dict] = {}
+    problems: list[str] = []
     # oldest first, so a run's newer result replaces its older one below
-    for path in sorted(Path(results_dir).rglob("*results*.json"), key=lambda p: (p.name, p.stat().st_mtime)):
+    for path in sorted(results_dir.rglob("*results*.json"), key=lambda p: (p.name, p.stat().st_mtime)):
+        if only is not None and path.absolute() not in only:
+            continue
         try:
             data = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            problems.append(f"{path}: not readable JSON ({e}); skipped")
             continue
         if not isinstance(data, dict) or "results" not in data:
+            continue  # some other JSON whose name contains "results"
+        config = data.get("config")
+        if not isinstance(config, dict) or not isinstance(data["results"], dict):
+            problems.append(f"{path}: no 'config' object with model_args (got {type(config).__name__}); skipped")
             continue
-        args = _model_args(data.get("config", {}).get("model_args", ""))
-        ratio = float(args.get("ratio", 0) or 0)
-        eff = {}
+        args = _model_args(config.get("model_args", ""))
+        try:
+            ratio = float(args.get("ratio", 0) or 0)
+            if not 0 <= ratio < 1:
+                raise ValueError
+        except ValueError:
+            problems.append(f"{path}: model_args ratio={args.get('ratio')!r} is not a number in [0, 1); skipped")
+            continue
         log = args.get("efficiency_log")
-        if log:
-            summary = Path(log).with_suffix(".summary.json")
-            if not summary.is_absolute():
-                summary = Path.cwd() / summary
-            if summary.is_file():
-                eff = json.loads(summary.read_text())
+        eff = _read_summary(log, results_dir, problems) if log else {}
+        n_samples = data.get("n-samples") if isinstance(data.get("n-samples"), dict) else {}
         for task, res in data["results"].items():
+            if not isinstance(res, dict):
+                problems.append(f"{path}: results[{task!r}] is not an object; skipped")
+                continue
             metrics = [(k.split(",")[0], v) for k, v in res.items()
-                       if "," in k and "stderr" not in k and isinstance(v, (int, float))]
+                       if "," in k and "stderr" not in k and _number(v) is not None and math.isfinite(v)]
             if not metrics:
                 continue
             metric, score = metrics[0]
-            n = data.get("n-samples", {}).get(task, {}).get("effective")
-            kv = eff.get("mean_kv_bytes")
+            task_n = n_samples.get(task)
+            n = task_n.get("effective") if isinstance(task_n, dict) else None
+            kv = _number(eff.get("mean_kv_bytes"))
             row = {"task": task, "model": Path(args.get("pretrained", "?").rstrip("/")).name,
                    "method": _method_label(args), "ratio": ratio, "kept": 1 - ratio, "metric": metric,
-                   "score": float(score), "n": n, "prefill_ms": eff.get("mean_prefill_ms"),
-                   "kept_tokens": eff.get("mean_kept_tokens"), "kv_kib": kv / 1024 if kv else None,
-                   "tflops": eff.get("mean_prefill_tflops"), "source": str(path)}
+                   "score": float(score), "n": n, "prefill_ms": _number(eff.get("mean_prefill_ms")),
+                   "kept_tokens": _number(eff.get("mean_kept_tokens")), "kv_kib": kv / 1024 if kv else None,
+                   "tflops": _number(eff.get("mean_prefill_tflops")), "source": str(path)}
             runs[(row["task"], row["model"], row["method"], row["ratio"])] = row
     rows = list(runs.values())
     rows.sort(key=lambda r: (r["task"], r["model"], r["method"], r["ratio"]))
-    return rows
+    return Collected(rows, problems)
 
 
 def table(rows: list[dict]) -> str:
     return markdown_table(rows, COLUMNS, float_digits=3)
 
 
+PLOTS_MISSING = ("plots not drawn: matplotlib is not installed (it comes with the eval extra: "
+                 "pip install -e \".[eval]\")")
+
+
 def plots(rows: list[dict], out_dir: Path) -> list[Path]:
-    """accuracy vs kept fraction, and accuracy vs prefill time, one line per method (per task/model)."""
+    """accuracy vs kept fraction, and accuracy vs prefill time, one line per method (per task/model).
+    Raises ImportError with `PLOTS_MISSING` when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return []
+    except ImportError as e:
+        raise ImportError(PLOTS_MISSING) from e
     written = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -106,26 +181,48 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
         axes[1].set(xlabel="mean prefill ms (measured)", ylabel=rs[0]["metric"])
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / f"report_{task}_{model}.png"
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{task}_{model}")
+        path = out_dir / f"report_{safe}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
     return written
 
 
-def build_report(results_dir: str | Path, out_dir: str | Path | None = None, with_plots: bool = True) -> str:
+class ReportExists(FileExistsError):
+    """report.md is already there and `force` was not given."""
+
+
+def build_report(results_dir: str | Path, out_dir: str | Path | None = None, with_plots: bool = True,
+                 force: bool = False, only: set[Path] | None = None) -> str:
+    """Write report.md, report.json and (with matplotlib) one PNG per task/model into `out_dir` (default
+    `results_dir`); return the text printed by `mllm-eff report`: the table, the skipped runs, the plots written
+    or why none were. An existing report.md raises `ReportExists` unless `force`; `only` limits the rows to
+    those result files."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise FileNotFoundError(f"RESULTS_DIR {results_dir} is not a directory")
     out = Path(out_dir) if out_dir is not None else results_dir
-    rows = collect(results_dir)
-    if not rows:
-        raise FileNotFoundError(f"no lmms-eval results (*results*.json) under {results_dir}")
-    text = table(rows)
+    md = out / "report.md"
+    existed = md.exists()
+    if existed and not force:
+        raise ReportExists(f"{md} exists; pass --force to replace it, or --out DIR to write elsewhere")
+    got = collect_runs(results_dir, only)
+    skipped = "".join(f"\n- {p}" for p in got.problems)
+    if not got.rows:
+        raise FileNotFoundError(f"no usable lmms-eval results (*results*.json) under {results_dir}"
+                                + (f"; problems:{skipped}" if skipped else ""))
+    text = table(got.rows)
+    if skipped:
+        text += f"\n\nskipped or incomplete runs ({len(got.problems)}):{skipped}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(f"# Evaluation report ({results_dir})\n\n{text}\n")
-    (out / "report.json").write_text(json.dumps(rows, indent=1))
+    md.write_text(f"# Evaluation report ({results_dir})\n\n{text}\n")
+    (out / "report.json").write_text(json.dumps(got.rows, indent=1))
+    text += f"\n\nreport: {md}" + (" (replaced the existing one)" if existed else "")
     if with_plots:
-        for p in plots(rows, out):
-            text += f"\nplot: {p}"
+        try:
+            for p in plots(got.rows, out):
+                text += f"\nplot: {p}"
+        except ImportError as e:
+            text += f"\n{e}"
     return text

@@ -1,8 +1,14 @@
 """`run_eval TASK MODEL METHOD RATIO [extra lmms-eval args]`: validate, then run lmms-eval's CLI with our plugin.
 
 RATIO is the fraction of tokens REMOVED (FastV's R, kvpress's compression_ratio); the kept fraction is printed
-too (the seed project's RATIO meant "kept"). Results go to results/<task>/<model>/<method>_<ratio>/ unless
---output_path is given. Local synthetic tasks (shapes_vqa, shapes_video) are written and included automatically.
+too (the seed project's RATIO meant "kept"). Results go to results/<task>/<model>/<label>_<ratio>/ unless
+--output_path is given, where <label> is the method (chain joined by '+') followed, when --method_args is given, by
+'-' and the arguments without '=' (fastv with k=2: fastv-k2_0.75). Local synthetic tasks (shapes_vqa, shapes_video)
+are written and included automatically.
+
+MODEL is checked before lmms-eval starts: the embedded default (shapes-vlm), a Hugging Face model directory with
+config.json, or a hub id already in the local Hugging Face cache (runs are offline unless HF_HUB_OFFLINE=0).
+MLLM_EFF_LAUNCHER (e.g. "accelerate launch --num_processes 4") replaces `python` as the launcher of lmms-eval.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +76,62 @@ def parse_ratio(text) -> float:
     return value
 
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+LAUNCHER_ENV = "MLLM_EFF_LAUNCHER"
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub's validator rejects ("a/b..c")
+        return False
+
+
+def check_model(model: str) -> None:
+    """MODEL must be loadable by the plugin without a download: raise `ConfigError` naming it otherwise."""
+    from .shapes_vlm import ALIAS
+
+    if model in (ALIAS, "default"):
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return
+        raise ConfigError(f"MODEL {model!r} is a directory without config.json (not a Hugging Face model directory)")
+    if path.exists():
+        raise ConfigError(f"MODEL {model!r} is a file; pass a Hugging Face model directory (with config.json)")
+    if _REPO_ID.fullmatch(model) and (not _hub_offline() or _in_hub_cache(model)):
+        return
+    from ..zoo import ALIASES
+
+    hint = (f"; {model!r} is a text-only zoo alias (use it with bench or quick-start)" if model in ALIASES else "")
+    raise ConfigError(f"MODEL {model!r} does not exist: pass {ALIAS!r} (the embedded default), a Hugging Face "
+                      f"model directory with config.json, or a hub id already in the local Hugging Face cache "
+                      f"(nothing is downloaded unless HF_HUB_OFFLINE=0){hint}")
+
+
+def launcher_from_env(env=None) -> list[str] | None:
+    """The words of MLLM_EFF_LAUNCHER (None when unset or empty); its program must be on PATH."""
+    text = (os.environ if env is None else env).get(LAUNCHER_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise ConfigError(f"{LAUNCHER_ENV}: cannot split {text!r} into words ({e})") from None
+    if shutil.which(words[0]) is None:
+        raise ConfigError(f"{LAUNCHER_ENV}: {words[0]!r} is not a program on PATH (value {text!r})")
+    return words
+
+
 # model-level options of the plugin that --method_args may carry too (not method parameters)
 MODEL_OPTIONS = ("fast", "batch_size", "dtype", "device", "max_new_tokens", "conv_template", "attn_implementation",
                  "max_frames_num", "use_cache")
@@ -96,7 +159,7 @@ def _literal(v: str):
 
 
 def validate(run: EvalRun) -> None:
-    """Every check that can fail before lmms-eval starts (unknown method, parameters out of range, ratio)."""
+    """Every check that can fail before lmms-eval starts (model, unknown method, parameters out of range, ratio)."""
     parse_ratio(run.ratio)
     names = split_names(run.method)
     if not names and run.ratio != 0:
@@ -104,6 +167,7 @@ def validate(run: EvalRun) -> None:
     parse_chain(run.method, {k: v for k, v in _method_params(run).items() if k not in MODEL_OPTIONS})
     if "--model_args" in run.extra or any(a.startswith("--model_args=") for a in run.extra):
         raise ConfigError("pass method parameters with --method_args k=v,...; --model_args is built by run_eval")
+    check_model(run.model)
 
 
 def lmms_args(run: EvalRun, include_path: Path | None) -> list[str]:
@@ -128,8 +192,10 @@ def find_results(out_dir: Path) -> list[Path]:
 
 
 def execute(run: EvalRun, python: str = sys.executable, launcher: list[str] | None = None) -> int:
-    """Run one evaluation in a child process; non-zero if lmms-eval wrote no results (its CLI exits 0 on errors)."""
+    """Run one evaluation in a child process; non-zero if lmms-eval wrote no results (its CLI exits 0 on errors).
+    `launcher` (default: MLLM_EFF_LAUNCHER's words, else `python`) starts `-m mllm_efficiency.eval.lmms_main`."""
     validate(run)
+    launcher = launcher or launcher_from_env()
     include = None
     tasks = [t.strip() for t in run.task.split(",")]
     local = [t for t in tasks if t in LOCAL_TASKS]

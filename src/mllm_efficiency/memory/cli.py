@@ -40,6 +40,8 @@ def _bool(text: str) -> bool:
 
 
 def add_commands(sub) -> None:
+    from ..cli import _int_at_least
+
     p = sub.add_parser("quick-start", aliases=["quickllama"],
                        help="run prompt files through a memory method from a YAML config (QuickLlama)")
     p.add_argument("--prompt", required=True, help="prompt file: Python list literal, plain text or JSONL")
@@ -53,11 +55,13 @@ def add_commands(sub) -> None:
                    help="true: CSV under --out-dir in the course layout; false; or a CSV file path")
     p.add_argument("--legacy-csv", "--legacy_csv", dest="legacy_csv", action="store_true",
                    help="write the course wrapper's CSV layout (one aggregate row, then 'Output i' rows)")
-    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens",
+                   type=_int_at_least("max_new_tokens", 0), default=None)
     p.add_argument("--model", default=None, help="model alias, GGUF file or HF directory (default: YAML model.path)")
     p.add_argument("--out-dir", "--out_dir", dest="out_dir", default="quick_start_results")
     p.add_argument("--baseline", action="store_true", help="stock model.generate with full attention")
-    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=None)
+    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=_int_at_least("chunk_size", 1),
+                   default=None)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the prefill progress bar")
@@ -67,10 +71,12 @@ def add_commands(sub) -> None:
 # ------------------------------------------------------------------ prompt files
 def read_prompts(path: str) -> list[dict]:
     """[{"id", "prompt", "question"|None}] from a Python list literal, JSONL or plain text file."""
+    from .yaml_config import read_text_file
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--prompt: file {path!r} does not exist")
-    text = p.read_text()
+    text = read_text_file(p, "--prompt")
     stripped = text.strip()
     if p.suffix == ".jsonl" or (stripped.startswith("{") and "\n{" in stripped):
         rows = []
@@ -79,8 +85,8 @@ def read_prompts(path: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"--prompt: line {i + 1} of {path!r} is not JSON: {exc}") from exc
-            if "prompt" not in row:
-                raise ConfigError(f"--prompt: JSONL row {i} has no 'prompt' field")
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ConfigError(f"--prompt: JSONL row {i} of {path!r} has no 'prompt' field")
             rows.append({"id": row.get("id", i), "prompt": row["prompt"], "question": row.get("question")})
         return rows
     if stripped.startswith("["):
@@ -350,11 +356,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mllm_efficiency.memory.cli")
     sub = parser.add_subparsers(dest="command")
     add_commands(sub)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ConfigError as e:  # bad value or file: one line, no traceback (as `mllm-eff quick-start`)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -58,19 +58,34 @@ def _read(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"yaml: config file {str(p)!r} does not exist")
+    text = read_text_file(p, "yaml")  # a binary file: named, not a UnicodeDecodeError
     try:
         from omegaconf import OmegaConf
-
-        data = OmegaConf.to_container(OmegaConf.load(str(p)), resolve=True)
     except ImportError:
-        import yaml
+        OmegaConf = None
+    try:
+        if OmegaConf is not None:
+            data = OmegaConf.to_container(OmegaConf.load(str(p)), resolve=True)
+        else:
+            import yaml
 
-        data = yaml.safe_load(p.read_text())
-    except Exception as exc:  # a syntax error: name the file
-        raise ConfigError(f"yaml: cannot parse {str(p)!r}: {exc}") from exc
+            data = yaml.safe_load(text)
+    except Exception as exc:  # a syntax error (either parser): name the file
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"yaml: cannot parse {str(p)!r}: {detail}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"yaml: {str(p)!r} must hold a mapping with a `model:` section")
     return data
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of `path`; `ConfigError` naming `what` and the file when it is binary or unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what}: {str(path)!r} is not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
 
 
 def load_memory_config(source: str | os.PathLike | Mapping, **overrides: Any) -> MemoryYAML:
