@@ -149,7 +149,7 @@ class MLLMEfficiency(lmms):
         self.fast_setting = _fast_setting(fast)
         self.max_new_tokens, self.use_cache = int(max_new_tokens), bool(use_cache)
 
-        accelerator = Accelerator()
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU launches: one rank per process
         self.accelerator = accelerator
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         if accelerator.num_processes > 1:  # data parallel: one full model per process
