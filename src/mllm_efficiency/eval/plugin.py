@@ -169,6 +169,7 @@ class MLLMEfficiency(lmms):
         self.handles = self.chain.apply(model)
         self.fast = self.fast_setting is True or (self.fast_setting == "auto" and self._device.type == "cuda")
         self.efficiency_rows: list[dict] = []
+        self.generate_seconds = 0.0  # wall time of generate_until (encoding + generation), for samples/s
         log = efficiency_log or os.environ.get("MLLM_EFF_EFFICIENCY_LOG")
         if log and self._world_size > 1:
             log = str(Path(log).with_suffix(f".rank{self._rank}.jsonl"))
@@ -321,8 +322,11 @@ class MLLMEfficiency(lmms):
         """Requests are encoded one by one and batched by prompt shape (same token count, same visual tensor
         shapes, same generation kwargs), so batches need no padding and the fast path reuses its graphs;
         results come back in request order."""
+        import time
+
         from tqdm import tqdm
 
+        t0 = time.perf_counter()
         args = [r.args for r in requests]
         groups: dict = {}
         encoded: list = []
@@ -345,6 +349,8 @@ class MLLMEfficiency(lmms):
                     results[i] = self._result(text, row)
                 pbar.update(len(chunk))
         pbar.close()
+        efficiency.synchronize(self._device)
+        self.generate_seconds += time.perf_counter() - t0
         self._write_efficiency()
         self._print_summary()
         return results
@@ -368,8 +374,19 @@ class MLLMEfficiency(lmms):
             parts.append(f"kept tokens {s['mean_kept_tokens']:.1f}/{s['mean_prompt_tokens']:.1f}")
         if "mean_kv_bytes" in s:
             parts.append(f"KV {s['mean_kv_bytes'] / 1024:.1f} KiB")
+        tp = self._throughput()
+        if tp["samples_per_s"]:
+            parts.append(f"{tp['samples_per_s']:.2f} samples/s ({', '.join(f'{k}: {v}' for k, v in tp['paths'].items())})")
         where = f" -> {self.efficiency_log}" if self.efficiency_log else " (efficiency_log=PATH to save per sample)"
         print(f"[mllm_efficiency] {self.chain.label}: " + ", ".join(parts) + " (means)" + where, flush=True)
+
+    def _throughput(self) -> dict:
+        paths: dict = {}
+        for row in self.efficiency_rows:
+            paths[row.get("path", "stock")] = paths.get(row.get("path", "stock"), 0) + 1
+        n = len(self.efficiency_rows)
+        return {"generate_seconds": self.generate_seconds, "paths": paths,
+                "samples_per_s": n / self.generate_seconds if self.generate_seconds > 0 else None}
 
     def _write_efficiency(self) -> None:
         if self.efficiency_log is None:
@@ -380,7 +397,8 @@ class MLLMEfficiency(lmms):
                 f.write(json.dumps(row) + "\n")
         summary = {"method": self.chain.label, "method_params": [dict(c) for c in self.chain.configs],
                    **efficiency.summarize([{k: v for k, v in r.items() if k not in ("doc_id", "batch")}
-                                           for r in self.efficiency_rows])}
+                                           for r in self.efficiency_rows]),
+                   **self._throughput()}
         self.efficiency_log.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
