@@ -1,12 +1,13 @@
 """The handle `apply()` returns: removable, usable as a context manager, exposes `.stats`."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 
 class MethodHandle:
-    def __init__(self, name: str, config: Any, attached: Any):
+    def __init__(self, name: str, config: Any, attached: Any, on_remove: Callable[[], None] | None = None):
         self.name = name
+        self._on_remove = on_remove
         self.config = config
         self._attached = attached
         self._removed = False
@@ -30,6 +31,8 @@ class MethodHandle:
         if not self._removed:
             self._attached.remove()
             self._removed = True
+            if self._on_remove is not None:
+                self._on_remove()
 
     def __enter__(self) -> "MethodHandle":
         return self

@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import AttentionInterface
-
+from ..core.attention import register_attention, release_attention
 from ..errors import ConfigError
 from .cache import BlockMemoryCache
 from .rope import RopeTable, rotate_half  # noqa: F401  (rotate_half re-exported for tests)
@@ -23,8 +22,6 @@ log = logging.getLogger("mllm_efficiency.memory")
 
 ATTN_NAME = "mllm_eff_block_memory"
 _ENGINE_ATTR = "_mllm_eff_memory_engine"
-_OTHER_FAMILIES = ("_mllm_eff_context", "_mllm_eff_kv_engine", "_mllm_eff_pruning_engine")
-_registered = False
 
 
 def _memory_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -33,13 +30,6 @@ def _memory_attention(module, query, key, value, attention_mask, scaling=None, *
         raise RuntimeError(f"attention implementation {ATTN_NAME!r} used on a module without a memory method "
                            "attached; call model.set_attn_implementation('sdpa')")
     return engine.attend(module, value, scaling if scaling is not None else module.scaling)
-
-
-def _ensure_registered() -> None:
-    global _registered
-    if not _registered:
-        AttentionInterface.register(ATTN_NAME, _memory_attention)
-        _registered = True
 
 
 class MemoryStats(dict):
@@ -55,12 +45,7 @@ class MemoryEngine:
         text = adapter.text_model
         if getattr(text, _ENGINE_ATTR, None) is not None:
             raise ConfigError(f"{method}: a memory method is already attached to this model; remove it first")
-        modules = adapter.attention_modules()
-        others = [a for a in _OTHER_FAMILIES if hasattr(text, a)] + (
-            ["_mllm_eff_hub"] if hasattr(modules[0], "_mllm_eff_hub") else [])
-        if others:
-            raise ConfigError(f"{method}: block memory does not compose with token pruning or KV compression "
-                              "methods; remove them first")
+        modules = adapter.attention_modules()  # which methods may share the model: core.composition
         for m in modules:
             if not (hasattr(m, "q_proj") and hasattr(m, "k_proj")):
                 raise NotImplementedError(f"{method}: attention module {type(m).__name__} has no q_proj/k_proj")
@@ -80,24 +65,29 @@ class MemoryEngine:
         self._captured: dict[int, dict[str, torch.Tensor]] = {}
         self._probing = False
         self._handles = []
+        self._removed = False
         for m in modules:
             m.__dict__[_ENGINE_ATTR] = self
             self._handles.append(m.q_proj.register_forward_hook(self._capture(m.layer_idx, "q")))
             self._handles.append(m.k_proj.register_forward_hook(self._capture(m.layer_idx, "k")))
         self._handles.append(text.register_forward_pre_hook(self._on_text_model, with_kwargs=True))
-        _ensure_registered()
+        register_attention(ATTN_NAME, _memory_attention)
         self._original_impl = tc._attn_implementation
         tc._attn_implementation = ATTN_NAME
         setattr(text, _ENGINE_ATTR, self)
 
     # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
+        if self._removed:
+            return
+        self._removed = True
         for h in self._handles:
             h.remove()
         self._handles = []
         for m in self.adapter.attention_modules():
             m.__dict__.pop(_ENGINE_ATTR, None)
         self.adapter.text_config._attn_implementation = self._original_impl
+        release_attention(ATTN_NAME)
         if getattr(self.adapter.text_model, _ENGINE_ATTR, None) is self:
             delattr(self.adapter.text_model, _ENGINE_ATTR)
         self.active = None
