@@ -14,6 +14,7 @@ import logging
 import torch
 from ..core.attention import register_attention, release_attention
 from ..errors import ConfigError
+from ..core.threads import ForwardGuard
 from .cache import BlockMemoryCache
 from .rope import RopeTable, rotate_half  # noqa: F401  (rotate_half re-exported for tests)
 from .unit import MemoryUnit, question_vector
@@ -64,7 +65,7 @@ class MemoryEngine:
         self.active: BlockMemoryCache | None = None
         self._captured: dict[int, dict[str, torch.Tensor]] = {}
         self._probing = False
-        self._handles = []
+        self._handles = ForwardGuard(model).install(*dict.fromkeys((model, text)))
         self._removed = False
         for m in modules:
             m.__dict__[_ENGINE_ATTR] = self
