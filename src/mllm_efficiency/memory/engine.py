@@ -33,6 +33,27 @@ def _memory_attention(module, query, key, value, attention_mask, scaling=None, *
     return engine.attend(module, value, scaling if scaling is not None else module.scaling)
 
 
+# sizes allocated up front (rotation table) or on the first blocks (resident block slots) are bounded here, before
+# anything is allocated: a typo such as n_init=10**9 must not try a multi-GB allocation
+MIN_ROTATION_LIMIT = 1 << 17  # positions; a model's larger max_position_embeddings raises the limit
+MAX_RESIDENT_TOKENS = 1 << 20  # max_cached_block * block_size
+
+
+def _rotation_length(method: str, config, text_config) -> int:
+    n = config.n_local + config.exc_block_size + config.n_init + 1
+    model_max = int(getattr(text_config, "max_position_embeddings", 0) or 0)
+    limit = max(model_max, MIN_ROTATION_LIMIT)
+    if n > limit:
+        raise ConfigError(f"{method}: n_init + n_local + exc_block_size = {n - 1} positions to rotate; allowed up to "
+                          f"{limit - 1} (max(max_position_embeddings = {model_max}, {MIN_ROTATION_LIMIT})): "
+                          "lower n_init / n_local / exc_block_size")
+    resident = config.max_cached_block * config.block_size
+    if resident > MAX_RESIDENT_TOKENS:
+        raise ConfigError(f"{method}: max_cached_block * block_size = {resident} resident tokens per layer; allowed "
+                          f"up to {MAX_RESIDENT_TOKENS}: lower max_cached_block or block_size")
+    return n
+
+
 class MemoryStats(dict):
     """Totals over layers of the last memory used (tokens, sinks, blocks, loads, hits, ...)."""
 
@@ -55,7 +76,7 @@ class MemoryEngine:
         self.num_heads = tc.num_attention_heads
         self.num_kv_heads = getattr(tc, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(modules[0], "head_dim", tc.hidden_size // self.num_heads)
-        max_pos = config.n_local + config.exc_block_size + config.n_init + 1
+        max_pos = _rotation_length(method, config, tc)
         self.rope = RopeTable(text.rotary_emb, self.head_dim, max_pos, config.base, config.distance_scale)
         if config.kernel == "flex":
             log.warning("%s: kernel='flex' is not available in this version; using the torch kernel", method)
