@@ -85,6 +85,19 @@ def test_known_conflicts_are_refused_naming_both(ov, first, second):
             _apply(ov, second)
 
 
+@pytest.mark.parametrize("first,second", [
+    (("simignore", dict(action="drop")), ("adaptiv", {})), (("adaptiv", {}), ("simignore", dict(action="drop"))),
+    (("fastv", dict(k=0, scorer="random")), ("adaptiv", {})), (("adaptiv", {}), ("fastv", dict(k=0, scorer="random")))])
+def test_settings_that_break_adaptiv_are_refused(ov, ov_prompt, first, second):
+    """AdapTiV's layer-0 grid matching after tokens were removed before layer 0 crashed in the forward."""
+    with me.apply(ov, first[0], **first[1]):
+        with pytest.raises(ConfigError, match=f"{second[0]} does not compose with {first[0]}"):
+            me.apply(ov, second[0], **second[1])
+    with me.apply(ov, "simignore", action="mask"), me.apply(ov, "adaptiv"), me.apply(ov, "fastv", k=1):
+        with torch.no_grad():
+            ov.generate(**ov_prompt, max_new_tokens=2, do_sample=False)
+
+
 def test_memory_then_pruning_leaves_nothing_and_the_model_stays_usable(ov, ov_prompt, plain):
     h = _apply(ov, "infllm")
     with pytest.raises(ConfigError, match="block memory"):

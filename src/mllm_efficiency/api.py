@@ -20,12 +20,12 @@ def apply(model: Any, name: str, **cfg: Any) -> MethodHandle:
     config = spec.config_cls.from_kwargs(spec.name, **cfg)
     adapter = get_adapter(model)
     key = adapter.text_model
-    composition.check(key, spec.name, spec.family)
+    composition.check(key, spec.name, spec.family, config)
     snapshot = ModelSnapshot(model)
     try:
         attached = spec.attach(model, adapter, config)
     except BaseException:
         snapshot.restore()
         raise
-    composition.record(key, spec.name, spec.family)
+    composition.record(key, spec.name, spec.family, config)
     return MethodHandle(spec.name, config, attached, on_remove=lambda: composition.forget(key, spec.name))
