@@ -1,4 +1,4 @@
-"""Undo a failed attach: `ModelSnapshot.take(model)` before, `.restore()` if the attach raised.
+"""Undo a failed attach: `ModelSnapshot(model)` before, `.restore()` if the attach raised.
 
 Covers everything an attach changes: hooks on every submodule, submodules replaced in place (SIC wrappers),
 attributes named `_mllm_eff*` (engines, the shared ModelContext and AttentionHub, whose reference counts and
