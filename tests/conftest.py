@@ -2,8 +2,8 @@
 
 Models are tiny random-weight builds from `mllm_efficiency.testing` (seeded, CPU). The session-scoped
 models are shared between tests, so every test must detach what it attaches: use the `attach` fixture
-(detaches at teardown) or `with me.apply(...)`. An autouse guard fails a test that leaves a pruning
-engine or a switched attention implementation behind on a shared model.
+(detaches at teardown) or `with me.apply(...)`. An autouse guard fails a test that leaves anything of a method
+(any family's engine, the ModelContext, a switched attention implementation, a registry entry) on a model fixture.
 """
 from __future__ import annotations
 
@@ -147,7 +147,6 @@ def attach():
         h.remove()
 
 
-_SHARED = ("llava", "llava_eager", "qwen2", "llama_text")
 
 
 _OWN_MODULES = {"test_api", "test_fastv", "test_fastv_reference", "test_fastv_batch"}
@@ -163,17 +162,59 @@ def _no_grad(request):
         yield
 
 
+def library_registrations() -> set[str]:
+    """Names the library registered in transformers' attention registries (fast decoding's slot kernels stay
+    registered by design and are left out)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    names = set(AttentionInterface._global_mapping) | set(AttentionMaskInterface._global_mapping)
+    return {n for n in names if n.startswith("mllm_eff_") and not n.startswith("mllm_eff_slots")}
+
+
+def model_state(model) -> dict:
+    """Everything a method attaches, per submodule: hook ids, `_mllm_eff*` attributes, submodule identities;
+    plus every attention implementation and the library's registry entries."""
+    state = {}
+    for name, m in model.named_modules():
+        state[name] = (tuple(m._forward_pre_hooks), tuple(m._forward_hooks),
+                       tuple(sorted(k for k in vars(m) if k.startswith("_mllm_eff"))),
+                       tuple((k, id(c)) for k, c in m._modules.items()),
+                       getattr(getattr(m, "config", None), "_attn_implementation", None))
+    state["<registry>"] = library_registrations()
+    return state
+
+
+def _leaks(model) -> list[str]:
+    from mllm_efficiency.core import composition
+
+    found = []
+    for name, m in model.named_modules():
+        found += [f"{name or 'model'}.{k}" for k in vars(m) if k.startswith("_mllm_eff")]
+        impl = getattr(getattr(m, "config", None), "_attn_implementation", None) or ""
+        if impl.startswith("mllm_eff_"):
+            found.append(f"{name or 'model'}.config._attn_implementation={impl}")
+    tm = text_model_of(model) if hasattr(model, "model") else model
+    found += [f"composition record {n}" for n in composition.attached_methods(tm)]
+    return found
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_hooks(request):
-    """Fail loudly if a test leaves FastV attached to a shared session model."""
+    """Fail loudly if a test leaves any method (engine, ModelContext, attention hub, memory engine, switched
+    attention implementation) on a model fixture, or a registration in the attention registry."""
+    registry = library_registrations()
     yield
-    for name in _SHARED:
-        if name in request.fixturenames:
-            model = request.getfixturevalue(name)
-            tm = text_model_of(model)
-            assert not hasattr(tm, ENGINE_ATTR), f"{request.node.name} left a pruning engine on {name}"
-            assert not tm.config._attn_implementation.startswith("mllm_eff_"), (
-                f"{request.node.name} left the attention wrapper on {name}")
+    for name in request.fixturenames:
+        try:
+            value = request.getfixturevalue(name)
+        except Exception:  # noqa: BLE001 - fixtures that failed to set up report themselves
+            continue
+        if isinstance(value, torch.nn.Module) and hasattr(value, "config"):
+            leaks = _leaks(value)
+            assert not leaks, f"{request.node.name} left {leaks} on {name}"
+    assert library_registrations() <= registry, (
+        f"{request.node.name} left {sorted(library_registrations() - registry)} in the attention registry")
 
 
 __all__ = ["IMAGE_TOKEN", "keep_rule", "cache_of", "pad_left", "greedy", "apply_quiet", "text_impl"]

@@ -208,6 +208,7 @@ def test_seed_from_pretrained_wrong_start_index(saved_llava, prompt1):
         model(**prompt1)
     with pytest.raises(me.ConfigError, match="image_token_start_index"):
         greedy(model, 2, **prompt1)
+    model.set_fastv_config(None)  # the attention registry entry stays while a model uses it
 
 
 def test_seed_original_keys(saved_llava):

@@ -1,7 +1,14 @@
-"""Base class and validation helpers for method configs (frozen dataclasses)."""
+"""Base class and the validators of every method config (frozen dataclasses).
+
+Besides each config's own `validate()`, every config passes two checks of its fields by type: a field annotated
+`bool` takes only True/False (not "no" or 1), and no number anywhere in a field (tuples included) is NaN or ±inf.
+Checks that need the model (layer indices, sizes bounded by the context length) are `check_*` helpers the
+methods call at attach time.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Iterable
 
 from .errors import ConfigError
@@ -13,6 +20,11 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if _is_bool_annotation(f.type) and not (value is None and "None" in str(f.type)):
+                check_bool(f.name, value)
+            _check_finite(f.name, value)
 
     def validate(self) -> None:  # pragma: no cover - overridden
         pass
@@ -37,9 +49,59 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
+def _is_bool_annotation(annotation: Any) -> bool:
+    text = str(annotation).replace("typing.", "")
+    return text in ("bool", "bool | None", "None | bool", "Optional[bool]") or annotation is bool
+
+
+def _check_finite(name: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            _check_finite(f"{name}[{i}]", v)
+
+
 def is_number(value: Any) -> bool:
-    """A real number given as int or float (a bool is not one)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite real number given as int or float (a bool is not one, nor NaN or ±inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """A finite number in the interval from `low` to `high` (None = unbounded; `*_open` excludes the bound)."""
+    ok = is_number(value)
+    if ok:
+        v = float(value)
+        ok = (low is None or (v > low if low_open else v >= low)) and (high is None or (v < high if high_open else v <= high))
+    if not ok:
+        lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
+        hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be in {lo}, {hi} (a finite number), got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+def check_token_ids(name: str, value: Any) -> tuple[int, ...]:
+    """A non-empty sequence of token ids (ints >= 0), returned as a tuple."""
+    ok = isinstance(value, (tuple, list)) and len(value) > 0 and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    if not ok:
+        raise ConfigError(f"{name} must be a non-empty sequence of token ids (ints >= 0), got {value!r}")
+    return tuple(value)
+
+
+def check_layer_indices(name: str, layers: Iterable[int], num_layers: int) -> None:
+    """At attach time: every index names one of the model's `num_layers` decoder layers."""
+    for n, i in enumerate(layers):
+        if not 0 <= i < num_layers:
+            raise ConfigError(f"{name}[{n}] = {i} is not a layer of this model: allowed [0, {num_layers - 1}] "
+                              f"({num_layers} decoder layers)")
 
 
 def check_unit_fraction(name: str, value: Any) -> None:

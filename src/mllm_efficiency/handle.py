@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 
 class MethodHandle:
-    def __init__(self, name: str, config: Any, attached: Any, model: Any = None):
+    def __init__(self, name: str, config: Any, attached: Any, model: Any = None,
+                 on_remove: Callable[[], None] | None = None):
         self._model = weakref.ref(model) if model is not None else None
         self.name = name
+        self._on_remove = on_remove
         self.config = config
         self._attached = attached
         self._removed = False
@@ -41,6 +43,8 @@ class MethodHandle:
         if not self._removed:
             self._attached.remove()
             self._removed = True
+            if self._on_remove is not None:
+                self._on_remove()
 
     def __enter__(self) -> "MethodHandle":
         return self

@@ -18,6 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 PREFIX = "mllm_eff_"
 _HUB_ATTR = "_mllm_eff_hub"
 _registered: set[str] = set()
+_users: dict[str, int] = {}  # registered name -> models using it; the last user's release unregisters it
 
 AttentionCallback = Callable[..., None]  # cb(module, query, key, value, attention_mask, kwargs)
 
@@ -38,9 +39,46 @@ def _resolve_inner(inner: str, module: torch.nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[inner]
 
 
+def register_attention(name: str, fn: Callable, mask_fn: Callable | None = None) -> None:
+    """Register `name` in transformers' attention registry (and its mask function) for one more user."""
+    if name not in _registered:
+        AttentionInterface.register(name, fn)
+        if mask_fn is not None:
+            AttentionMaskInterface.register(name, mask_fn)
+        _registered.add(name)
+    _users[name] = _users.get(name, 0) + 1
+
+
+def release_attention(name: str) -> None:
+    """One user fewer; the last one takes `name` out of the global registries."""
+    _users[name] = _users.get(name, 1) - 1
+    if _users[name] > 0:
+        return
+    del _users[name]
+    _registered.discard(name)
+    AttentionInterface._global_mapping.pop(name, None)
+    AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def registry_state():
+    """What `restore_registry_state` needs to undo registrations made since."""
+    return set(_registered), dict(_users)
+
+
+def restore_registry_state(state) -> None:
+    registered, users = state
+    for name in _registered - registered:
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
+    _registered.intersection_update(registered)
+    _users.clear()
+    _users.update(users)
+
+
 def _ensure_registered(inner: str) -> str:
     name = wrapper_name(inner)
     if name in _registered:
+        _users[name] += 1
         return name
     if inner != "eager" and inner not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         raise ValueError(f"attn_implementation {inner!r} cannot be wrapped; registered: "
@@ -60,10 +98,7 @@ def _ensure_registered(inner: str) -> str:
                 callback(module, query, key, value, attention_mask, kwargs)
         return output
 
-    AttentionInterface.register(name, attention)
-    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner, sdpa_mask)
-    AttentionMaskInterface.register(name, mask_fn)
-    _registered.add(name)
+    register_attention(name, attention, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner, sdpa_mask))
     return name
 
 
@@ -99,6 +134,7 @@ class AttentionHub:
             if getattr(m, _HUB_ATTR, None) is self:
                 delattr(m, _HUB_ATTR)
         self.adapter.text_config._attn_implementation = self.original_impl
+        release_attention(wrapper_name(self.inner))
 
     def add_callback(self, cb: AttentionCallback) -> None:
         self.callbacks.append(cb)

@@ -20,6 +20,7 @@ import torch
 from . import masks as M
 from .attention import inner_name
 from .cache import TrackedCache, TrackedLayer
+from .threads import ForwardGuard
 
 _CONTEXT_ATTR = "_mllm_eff_context"
 
@@ -35,7 +36,8 @@ class ModelContext:
         self._plain = False
         self.host_values = HostValues()
         text = adapter.text_model
-        self._handles = []
+        # concurrent forwards from two threads would share this object's per-forward state: refused
+        self._handles = ForwardGuard(adapter.model).install(*dict.fromkeys((adapter.model, text)))
         if adapter.model is not text:
             self._handles.append(adapter.model.register_forward_pre_hook(self._on_entry, with_kwargs=True))
         self._handles.append(text.register_forward_pre_hook(self._on_text_model, with_kwargs=True))

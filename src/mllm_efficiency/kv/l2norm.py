@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import check_int
+from ..config import check_int, check_layer_indices
 from ..errors import ConfigError
 from ..registry import register_method
 from . import primitives as P
@@ -40,4 +40,5 @@ class L2NormPolicy(Policy):
 @register_method("l2norm", family="kv", config_cls=L2NormConfig,
                  summary="L2Norm/Knorm: keep the tokens with the smallest key norm (no attention needed)")
 def attach_l2norm(model, adapter, config: L2NormConfig) -> AttachedKV:
+    check_layer_indices("skip_layers", config.skip_layers, adapter.num_layers)
     return AttachedKV(model, adapter, L2NormPolicy("l2norm", config))

@@ -9,7 +9,7 @@ import dataclasses
 import logging
 from typing import Optional
 
-from ..config import MethodConfig, check_choice, check_int, is_number
+from ..config import MethodConfig, check_bool, check_choice, check_int, check_number
 from ..errors import ConfigError
 
 log = logging.getLogger("mllm_efficiency.memory")
@@ -19,22 +19,6 @@ KERNELS = ("auto", "torch", "flex")
 OFFLOADS = ("cpu", "gpu")
 QUESTION_SOURCES = ("auto", "span", "probe")
 ON_MISSING = ("error", "infllm")
-
-
-def _check_number(name: str, value, low: float | None = None, high: float | None = None,
-                  low_open: bool = False) -> None:
-    if not is_number(value):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    bad_low = low is not None and (value <= low if low_open else value < low)
-    if bad_low or (high is not None and value > high):
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        raise ConfigError(f"{name} must be in {'(' if low_open else '['}{lo}, {hi}], got {value}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,24 +57,24 @@ class MemoryConfig(MethodConfig):
         check_int("max_cached_block", self.max_cached_block, self.topk)
         check_int("exc_block_size", self.exc_block_size, 1, self.n_local)
         check_choice("cache_strategy", self.cache_strategy, CACHE_STRATEGIES)
-        _check_number("score_decay", self.score_decay, 0.0, 1.0, low_open=True)
-        _check_number("question_weight", self.question_weight, 0.0)
+        check_number("score_decay", self.score_decay, 0.0, 1.0, low_open=True)
+        check_number("question_weight", self.question_weight, 0.0)
         if self.chunk_topk_calc is not None:
             check_int("chunk_topk_calc", self.chunk_topk_calc, self.exc_block_size)
             if self.chunk_topk_calc % self.exc_block_size:
                 raise ConfigError(f"chunk_topk_calc must be a multiple of exc_block_size ({self.exc_block_size}), "
                                   f"got {self.chunk_topk_calc}")
-        _check_bool("perhead", self.perhead)
+        check_bool("perhead", self.perhead)
         if self.perhead:
             raise ConfigError("perhead=True (per-head block retrieval) is not implemented; allowed: false")
         check_choice("kernel", self.kernel, KERNELS)
         check_choice("offload", self.offload, OFFLOADS)
-        _check_bool("pin_memory", self.pin_memory)
-        _check_bool("async_global_stream", self.async_global_stream)
+        check_bool("pin_memory", self.pin_memory)
+        check_bool("async_global_stream", self.async_global_stream)
         if self.base is not None:
-            _check_number("base", self.base, 1.0, low_open=True)
+            check_number("base", self.base, 1.0, low_open=True)
         if self.distance_scale is not None:
-            _check_number("distance_scale", self.distance_scale, 0.0, low_open=True)
+            check_number("distance_scale", self.distance_scale, 0.0, low_open=True)
         check_choice("question_source", self.question_source, QUESTION_SOURCES)
         check_choice("on_missing_question", self.on_missing_question, ON_MISSING)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import AttentionInterface
-
+from ..core.attention import register_attention, release_attention
 from ..errors import ConfigError
+from ..core.threads import ForwardGuard
 from .cache import BlockMemoryCache
 from .rope import RopeTable, rotate_half  # noqa: F401  (rotate_half re-exported for tests)
 from .unit import MemoryUnit, question_vector
@@ -23,8 +23,6 @@ log = logging.getLogger("mllm_efficiency.memory")
 
 ATTN_NAME = "mllm_eff_block_memory"
 _ENGINE_ATTR = "_mllm_eff_memory_engine"
-_OTHER_FAMILIES = ("_mllm_eff_context", "_mllm_eff_kv_engine", "_mllm_eff_pruning_engine")
-_registered = False
 
 
 def _memory_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -35,11 +33,25 @@ def _memory_attention(module, query, key, value, attention_mask, scaling=None, *
     return engine.attend(module, value, scaling if scaling is not None else module.scaling)
 
 
-def _ensure_registered() -> None:
-    global _registered
-    if not _registered:
-        AttentionInterface.register(ATTN_NAME, _memory_attention)
-        _registered = True
+# sizes allocated up front (rotation table) or on the first blocks (resident block slots) are bounded here, before
+# anything is allocated: a typo such as n_init=10**9 must not try a multi-GB allocation
+MIN_ROTATION_LIMIT = 1 << 17  # positions; a model's larger max_position_embeddings raises the limit
+MAX_RESIDENT_TOKENS = 1 << 20  # max_cached_block * block_size
+
+
+def _rotation_length(method: str, config, text_config) -> int:
+    n = config.n_local + config.exc_block_size + config.n_init + 1
+    model_max = int(getattr(text_config, "max_position_embeddings", 0) or 0)
+    limit = max(model_max, MIN_ROTATION_LIMIT)
+    if n > limit:
+        raise ConfigError(f"{method}: n_init + n_local + exc_block_size = {n - 1} positions to rotate; allowed up to "
+                          f"{limit - 1} (max(max_position_embeddings = {model_max}, {MIN_ROTATION_LIMIT})): "
+                          "lower n_init / n_local / exc_block_size")
+    resident = config.max_cached_block * config.block_size
+    if resident > MAX_RESIDENT_TOKENS:
+        raise ConfigError(f"{method}: max_cached_block * block_size = {resident} resident tokens per layer; allowed "
+                          f"up to {MAX_RESIDENT_TOKENS}: lower max_cached_block or block_size")
+    return n
 
 
 class MemoryStats(dict):
@@ -55,12 +67,7 @@ class MemoryEngine:
         text = adapter.text_model
         if getattr(text, _ENGINE_ATTR, None) is not None:
             raise ConfigError(f"{method}: a memory method is already attached to this model; remove it first")
-        modules = adapter.attention_modules()
-        others = [a for a in _OTHER_FAMILIES if hasattr(text, a)] + (
-            ["_mllm_eff_hub"] if hasattr(modules[0], "_mllm_eff_hub") else [])
-        if others:
-            raise ConfigError(f"{method}: block memory does not compose with token pruning or KV compression "
-                              "methods; remove them first")
+        modules = adapter.attention_modules()  # which methods may share the model: core.composition
         for m in modules:
             if not (hasattr(m, "q_proj") and hasattr(m, "k_proj")):
                 raise NotImplementedError(f"{method}: attention module {type(m).__name__} has no q_proj/k_proj")
@@ -69,7 +76,7 @@ class MemoryEngine:
         self.num_heads = tc.num_attention_heads
         self.num_kv_heads = getattr(tc, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(modules[0], "head_dim", tc.hidden_size // self.num_heads)
-        max_pos = config.n_local + config.exc_block_size + config.n_init + 1
+        max_pos = _rotation_length(method, config, tc)
         self.rope = RopeTable(text.rotary_emb, self.head_dim, max_pos, config.base, config.distance_scale)
         if config.kernel == "flex":
             log.warning("%s: kernel='flex' is not available in this version; using the torch kernel", method)
@@ -79,25 +86,30 @@ class MemoryEngine:
         self.active: BlockMemoryCache | None = None
         self._captured: dict[int, dict[str, torch.Tensor]] = {}
         self._probing = False
-        self._handles = []
+        self._handles = ForwardGuard(model).install(*dict.fromkeys((model, text)))
+        self._removed = False
         for m in modules:
             m.__dict__[_ENGINE_ATTR] = self
             self._handles.append(m.q_proj.register_forward_hook(self._capture(m.layer_idx, "q")))
             self._handles.append(m.k_proj.register_forward_hook(self._capture(m.layer_idx, "k")))
         self._handles.append(text.register_forward_pre_hook(self._on_text_model, with_kwargs=True))
-        _ensure_registered()
+        register_attention(ATTN_NAME, _memory_attention)
         self._original_impl = tc._attn_implementation
         tc._attn_implementation = ATTN_NAME
         setattr(text, _ENGINE_ATTR, self)
 
     # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
+        if self._removed:
+            return
+        self._removed = True
         for h in self._handles:
             h.remove()
         self._handles = []
         for m in self.adapter.attention_modules():
             m.__dict__.pop(_ENGINE_ATTR, None)
         self.adapter.text_config._attn_implementation = self._original_impl
+        release_attention(ATTN_NAME)
         if getattr(self.adapter.text_model, _ENGINE_ATTR, None) is self:
             delattr(self.adapter.text_model, _ENGINE_ATTR)
         self.active = None

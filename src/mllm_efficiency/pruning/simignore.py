@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from ..config import MethodConfig, check_choice, check_int, check_ratio
+from ..config import MethodConfig, check_choice, check_int, check_ratio, check_token_ids
 from ..errors import ConfigError, NoVisualTokensError
 from ..registry import register_method
 from .engine import PruningEngine, PruningStats, Request
@@ -53,9 +53,10 @@ class SimIgnoreConfig(MethodConfig):
             check_int("text_span_start", self.text_span_start, 0)
             check_int("text_span_length", self.text_span_length, 1)
         if self.text_token_ids is not None:
-            if not all(isinstance(t, int) and t >= 0 for t in self.text_token_ids) or not self.text_token_ids:
-                raise ConfigError("text_token_ids must be a non-empty sequence of token ids (ints >= 0)")
-            object.__setattr__(self, "text_token_ids", tuple(self.text_token_ids))
+            if self.text_source != "explicit":
+                raise ConfigError(f"text_token_ids is used only with text_source='explicit', got "
+                                  f"text_source={self.text_source!r}: drop text_token_ids or set text_source='explicit'")
+            object.__setattr__(self, "text_token_ids", check_token_ids("text_token_ids", self.text_token_ids))
 
 
 @dataclasses.dataclass

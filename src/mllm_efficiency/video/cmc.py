@@ -13,8 +13,7 @@ import dataclasses
 
 import torch
 
-from ..config import MethodConfig, check_int, is_number
-from ..errors import ConfigError
+from ..config import MethodConfig, check_int, check_number
 from ..pruning.engine import PruningEngine
 from ..registry import register_method
 from .common import DelegateStep, PromptLayout
@@ -35,9 +34,7 @@ class CMCConfig(MethodConfig):
     def validate(self) -> None:
         check_int("interval_size", self.interval_size, 2)
         for name in ("fc_threshold", "query_threshold", "attn_threshold"):
-            v = getattr(self, name)
-            if not is_number(v) or v < 0:
-                raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
+            check_number(name, getattr(self, name), 0.0)
         if self.frames is not None:
             check_int("frames", self.frames, 1)
 

@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..config import MethodConfig, check_int, check_similarity, check_unit_fraction
+from ..errors import ConfigError
 from ..pruning.engine import PruningEngine
 from ..pruning.scoring import key_scores
 from ..registry import register_method
@@ -27,6 +28,10 @@ def prune_ratio(history: list[float], num_layers: int, cost: float) -> float:
     for r in history:
         s *= 1.0 - r
         used += s
+    if num_layers * cost < used:  # as the authors' code: no prune ratio in [0, 1] meets the budget any more
+        raise ConfigError(f"framefusion: the cost is too small: cost={cost} allows {num_layers * cost:.3g} layer-"
+                          f"equivalents of the visual tokens over {num_layers} layers, but the first {n} layer(s) "
+                          f"after merging already used {used:.3g}; use cost >= {used / num_layers:.3g} (allowed (0, 1])")
     if n >= num_layers:
         return 0.0
     if s <= 0:
