@@ -200,6 +200,8 @@ def test_plugin_fast_path_batched_equals_stock(tmp_path):
         assert all(row["batch"] in (2, 3) for row in plugin.efficiency_rows)  # two prompt shapes: 3 + 2
         assert all(row["kv_bytes"] > 0 for row in plugin.efficiency_rows)
         release(plugin.model)
+        for handle in plugin.handles:
+            handle.remove()
     assert texts["true"] == texts["false"]
 
 
