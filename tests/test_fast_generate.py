@@ -323,3 +323,33 @@ def test_cuda_graph_paths_equal_generate(method, cfg):
         if handle:
             handle.remove()
         release(model)
+
+
+# --------------------------------------------------------------------------- real weights (slow, CPU, fp32)
+@pytest.mark.slow
+@pytest.mark.parametrize("alias", ["smollm2-135m", "qwen2.5-coder-0.5b"])
+def test_real_model_passkey_same_tokens(alias):
+    """The fast path gives generate()'s tokens on a real small LLM's 1k-token passkey prompt, alone and with
+    SnapKV attached (fp32, CPU; the GGUF models install from the package registry)."""
+    from mllm_efficiency.eval.longctx import make_sample
+    from mllm_efficiency.zoo import is_installed, load_model
+
+    if not is_installed(alias):
+        pytest.skip(f"{alias} is not installed (see docs/models.md)")
+    torch.set_num_threads(2)
+    model, tok = load_model(alias)
+    sample = make_sample("passkey", tok, 1024, 0.5)
+    ids = torch.tensor([tok.encode(sample.prompt, add_special_tokens=sample.add_special_tokens)])
+    try:
+        for method in (None, "snapkv"):
+            handle = me.apply(model, method, ratio=0.5) if method else None
+            try:
+                ref, got = both(model, 12, input_ids=ids)
+                assert torch.equal(got, ref), method
+            finally:
+                if handle:
+                    handle.remove()
+        answer = tok.decode(got[0, ids.shape[1]:], skip_special_tokens=True)
+        assert isinstance(answer, str)
+    finally:
+        release(model)

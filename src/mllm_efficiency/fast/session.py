@@ -116,6 +116,11 @@ class FastSession:
             raise ValueError("the fast path needs input_ids")
         if streamer is not None:
             streamer.put(ids.cpu())
+        mask = inputs.get("attention_mask")
+        if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and inputs.get("position_ids") is None
+                and not self.adapter.uses_mrope):
+            # what generate() does: positions count only the real tokens of each (left-padded) row
+            inputs = dict(inputs, position_ids=(mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1))
         text_inputs = self._text_inputs(inputs)
         plan = self._plan_for(text_inputs, ids, max_new_tokens)
         logits = plan.prefill(text_inputs, ids if plan.entry_ids is not None else None)
