@@ -2,7 +2,7 @@
 
 Builds a random-weight model of a preset (LLaVA-1.5-7B size by default), saves it as a local model directory with
 a locally built processor (character tokenizer, CLIP-style image processor; no hub), then runs
-`bash scripts/run_eval.sh shapes_vqa DIR METHOD RATIO --limit N --method_args fast=...,batch_size=B` for each
+`bash scripts/run_eval.sh shapes_vqa DIR METHOD RATIO --limit N --method_args fast=... --batch_size B` for each
 arm, and reads samples/s from the plugin's efficiency summary (generation wall time of `generate_until`, model
 loading excluded). The embedded `shapes-vlm` is measured the same way with `--models shapes-vlm`.
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,8 +44,10 @@ def build_model_dir(preset: str, root: Path) -> Path:
 
 def run_arm(model: str, method: str, ratio: float, fast: str, batch: int, limit: int, results: Path) -> dict:
     args = ["bash", str(REPO / "scripts" / "run_eval.sh"), "shapes_vqa", model, method, str(ratio),
-            "--limit", str(limit), "--method_args", f"fast={fast},batch_size={batch}", "--output_path", str(results)]
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+            "--limit", str(limit), "--method_args", f"fast={fast}", "--batch_size", str(batch),
+            "--results_root", str(results)]
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stdout + proc.stderr)[-2000:]}
     summaries = sorted(results.rglob("efficiency.summary.json"), key=lambda p: p.stat().st_mtime)

@@ -132,9 +132,10 @@ def launcher_from_env(env=None) -> list[str] | None:
     return words
 
 
-# model-level options of the plugin that --method_args may carry too (not method parameters)
-MODEL_OPTIONS = ("fast", "batch_size", "dtype", "device", "max_new_tokens", "conv_template", "attn_implementation",
-                 "max_frames_num", "use_cache")
+# model-level options of the plugin that --method_args may carry too (not method parameters; batch_size and
+# device are lmms-eval's own options: --batch_size)
+MODEL_OPTIONS = ("fast", "dtype", "max_new_tokens", "conv_template", "attn_implementation", "max_frames_num",
+                 "use_cache")
 
 
 def _method_params(run: EvalRun) -> dict:
