@@ -256,7 +256,9 @@ class _SyncGuard(TorchFunctionMode):
 
 CAPTURABLE = [(None, {}), ("fastv", dict(k=2, ratio=0.75)), ("fastv", dict(k=2, ratio=0.5, mode="mask")),
               ("snapkv", dict(ratio=0.5, window=4)), ("h2o", dict(ratio=0.5)), ("streamingllm", dict(ratio=0.5)),
-              ("pyramidkv", dict(ratio=0.5, window=4)), ("l2norm", dict(ratio=0.5))]
+              ("pyramidkv", dict(ratio=0.5, window=4)), ("l2norm", dict(ratio=0.5)),
+              ("simignore", dict(ratio=0.5)), ("simignore", dict(ratio=0.5, action="mask", text_source="prompt")),
+              ("simignore", dict(keep=5, text_source="explicit", text_token_ids=(10, 11)))]
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -302,8 +304,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 
 
 @cuda
-@pytest.mark.parametrize("method,cfg", [(None, {})] + METHODS[:3] + METHODS[5:11],
-                         ids=["vanilla"] + [f"{m}-{i}" for i, (m, _) in enumerate(METHODS[:3] + METHODS[5:11])])
+@pytest.mark.parametrize("method,cfg", [(None, {})] + METHODS[:3] + METHODS[4:11],
+                         ids=["vanilla"] + [f"{m}-{i}" for i, (m, _) in enumerate(METHODS[:3] + METHODS[4:11])])
 def test_cuda_graph_paths_equal_generate(method, cfg):
     model = tiny.tiny_llava(num_layers=4).cuda()
     prompts = [dict(input_ids=ids.cuda(), pixel_values=pv.cuda())
@@ -317,7 +319,7 @@ def test_cuda_graph_paths_equal_generate(method, cfg):
             assert torch.equal(got, ref)
         plan = session.last_plan
         assert plan.step_graph is not None
-        if method in (None, "fastv", "snapkv", "h2o", "streamingllm", "pyramidkv"):
+        if method in (None, "fastv", "simignore", "snapkv", "h2o", "streamingllm", "pyramidkv"):
             assert plan.prefill_graph is not None, plan.eager_reason
     finally:
         if handle:

@@ -20,6 +20,8 @@ import torch
 from ..config import MethodConfig, check_choice, check_int, check_ratio, check_token_ids
 from ..errors import ConfigError, NoVisualTokensError
 from ..registry import register_method
+from ..core.context import ModelContext
+from ..core.device import device_ints
 from .engine import PruningEngine, PruningStats, Request
 from .fastv import keep_count
 
@@ -74,8 +76,13 @@ def walk_keep(sim: torch.Tensor, keep: int, start: int, stride: int) -> torch.Te
     first.scatter_reduce_(0, rows, torch.arange(rows.numel(), device=sim.device), reduce="amin")
     chosen = torch.sort(first, stable=True).indices[:keep]
     out = torch.zeros(N, dtype=torch.bool, device=sim.device)
-    out[chosen[first[chosen] < order.numel()]] = True
-    return out
+    return out.scatter_(0, chosen, first[chosen] < order.numel())  # no boolean indexing: no host sync
+
+
+def _true_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Ascending positions of the `n` True entries of a 1-D bool mask, found on the device (`nonzero` would
+    synchronise with the host to learn `n`)."""
+    return torch.sort((~mask).to(torch.int8), stable=True).indices[:n]
 
 
 class SimIgnoreStep:
@@ -88,6 +95,11 @@ class SimIgnoreStep:
         self.embed = embed
         self.stats = SimIgnoreStats()
         self._text_ids: list[list[int]] | None = None
+        # every host-side number comes from the prompt's layout (routed through `host_values`), the rest stays on
+        # the device: the fast path may capture this step in a CUDA graph
+        self.graph_capture = True
+        self.method_name = "simignore"
+        self.host_values = None  # core.context.HostValues of the model, set on attach
 
     def set_text(self, token_ids) -> None:
         """Text tokens for `text_source="explicit"`: one list for every sample, or one list per sample."""
@@ -128,10 +140,9 @@ class SimIgnoreStep:
             return m & real & ~visual
         if cfg.text_source == "prompt":
             return real & ~visual
-        last = int(torch.where(visual, torch.arange(L, device=visual.device), -1).max())
-        m = torch.zeros_like(real)
-        m[last + 1:] = True
-        return m & real
+        idx = torch.arange(L, device=visual.device)
+        last = torch.where(visual, idx, -1).max()  # stays on the device
+        return (idx > last) & real
 
     def _text_embeddings(self, req: Request, b: int, hidden: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -140,26 +151,31 @@ class SimIgnoreStep:
             if not ids:
                 raise ConfigError("simignore: text_source='explicit' needs text_token_ids (config) or set_text()")
             row = ids[b] if len(ids) > 1 else ids[0]
-            return self.embed(torch.tensor(row, device=hidden.device))
+            return self.embed(device_ints(row, hidden.device))
         if req.input_ids is None:
             raise ConfigError(f"simignore: text_source={cfg.text_source!r} needs input_ids; pass text_token_ids "
                               "with text_source='explicit'")
         mask = self._text_mask(req, b)
-        if not bool(mask.any()):
+        n = self._host_read("simignore_text_tokens", lambda: int(mask.sum()))
+        if n == 0:
             raise ConfigError(f"simignore: text_source={cfg.text_source!r} found no text tokens in sample {b}; "
                               "use text_source='explicit' with text_token_ids")
-        return self.embed(req.input_ids[b][mask])
+        return self.embed(req.input_ids[b].gather(0, _true_positions(mask, n)))
+
+    def _host_read(self, name: str, compute):
+        return self.host_values.read(name, compute) if self.host_values is not None else compute()
 
     def select(self, req: Request, hidden: torch.Tensor):
         visual_cur = req.visual.gather(1, req.kept) & req.valid
         keep = torch.ones_like(visual_cur)
         kept_vis = torch.zeros_like(visual_cur)
         text_lengths = []
+        counts = self._host_read("simignore_visual", lambda: visual_cur.sum(1).tolist())
         for b in range(hidden.shape[0]):
-            pos = visual_cur[b].nonzero().flatten()
-            if pos.numel() == 0:
+            if counts[b] == 0:
                 text_lengths.append(0)
                 continue
+            pos = _true_positions(visual_cur[b], counts[b])
             img = torch.nn.functional.normalize(hidden[b, pos].float(), dim=-1)
             txt = torch.nn.functional.normalize(self._text_embeddings(req, b, hidden).float(), dim=-1)
             text_lengths.append(txt.shape[0])
@@ -184,6 +200,7 @@ class AttachedSimIgnore:
             raise ConfigError("simignore action='mask' needs a 4-D attention mask: use 'sdpa' or 'eager'")
         self.step = SimIgnoreStep(config, adapter.text_model.get_input_embeddings())
         self.engine = PruningEngine.attach(model, adapter, self.step)
+        self.step.host_values = ModelContext.of(adapter).host_values
 
     @property
     def stats(self) -> SimIgnoreStats:
