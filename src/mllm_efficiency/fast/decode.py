@@ -25,6 +25,7 @@ from ..adapters import get_adapter
 from ..core.cache import TrackedCache
 from ..errors import ConfigError
 from .fuse import ProjectionFusion
+from .graphs import capture
 from .slots import SlotCache, SlotLayer, register_slot_attention, set_layer_bias, slot_contents
 
 _KV_ENGINE_ATTR = "_mllm_eff_kv_engine"
@@ -185,18 +186,7 @@ class FastDecoder:
         return self.cache.layers[0].stored + self.steps  # informational for the model; positions are explicit
 
     def _capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: allocator, cuBLAS handles and workspaces
-                self._run_step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self._rewind()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._logits = self._run_step()
-        self._rewind()  # capture does not run kernels, but host-side state must start at step 0
-        self._graph = graph
+        self._graph, self._logits = capture(self._run_step, 2, self._rewind)
 
     def _rewind(self) -> None:
         self._step.zero_()

@@ -14,12 +14,11 @@ On CPU everything runs eagerly through the same functions.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from transformers import DynamicCache
 
 from ..core.context import ModelContext
+from .graphs import capture, side_stream
 from .slots import SlotCache, SlotLayer, register_slot_attention, set_layer_bias, slot_contents
 
 
@@ -67,7 +66,7 @@ class ShapePlan:
         if ctx is not None:
             ctx.host_values.record()
         try:
-            with _side_stream(capture):  # a capture's warm-up runs on a side stream
+            with side_stream(capture):  # a capture's warm-up runs on a side stream
                 logits = self._prefill_body()
         finally:
             self.host_values = ctx.host_values.take() if ctx is not None else []
@@ -176,18 +175,7 @@ class ShapePlan:
 
     def _capture_step(self) -> None:
         saved = (self.step_ids.clone(), self.step_pos.clone())
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: allocator, cuBLAS handles and workspaces
-                self._step_body()
-        torch.cuda.current_stream().wait_stream(stream)
-        self._rewind(*saved)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step_logits = self._step_body()
-        self._rewind(*saved)  # capture runs no kernels, but the warm-up's writes must be undone
-        self.step_graph = graph
+        self.step_graph, self.step_logits = capture(self._step_body, 2, lambda: self._rewind(*saved))
 
     def _rewind(self, ids, pos) -> None:
         self.step_count.zero_()
@@ -209,15 +197,3 @@ class ShapePlan:
     def path(self) -> str:
         """How the last prefill ran: 'graph' or 'eager'."""
         return "graph" if self.prefill_graph is not None else "eager"
-
-
-@contextlib.contextmanager
-def _side_stream(enabled: bool):
-    if not enabled:
-        yield
-        return
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        yield
-    torch.cuda.current_stream().wait_stream(stream)
