@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..config import check_choice
 from ..registry import register_method
+from ..core import attention_rows as R
 from . import primitives as P
 from .base import (
     AttachedKV,
@@ -47,7 +48,7 @@ class H2OConfig(KVConfig):
 class H2OPolicy(Policy):
     def select(self, inp: LayerInput) -> Selection:
         cfg = self.config
-        score = P.column_sums(inp.query, inp.key, inp.mask, inp.scaling, row_ok=inp.real, group=cfg.group_reduce,
+        score = R.column_sums(inp.query, inp.key, inp.mask, inp.scaling, row_ok=inp.real, group=cfg.group_reduce,
                               **inp.attn_kw)
         if not cfg.head_adaptive:
             score = score.mean(1, keepdim=True)
@@ -59,7 +60,7 @@ class H2OPolicy(Policy):
     def decode_update(self, layer, query, key, mask, scaling, attn_kw) -> None:
         if self.config.decode != "accumulate" or layer.score is None:
             return
-        new = P.column_sums(query, key, mask, scaling, group=self.config.group_reduce, **attn_kw)
+        new = R.column_sums(query, key, mask, scaling, group=self.config.group_reduce, **attn_kw)
         if not self.config.head_adaptive:
             new = new.mean(1, keepdim=True)
         old = layer.score

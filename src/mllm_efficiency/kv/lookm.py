@@ -21,7 +21,7 @@ import math
 from ..config import check_choice
 from ..errors import ConfigError
 from ..registry import register_method
-from . import primitives as P
+from ..core import attention_rows as R
 from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection, check_fraction
 from .merge import merge_fn
 
@@ -80,7 +80,7 @@ class LookMPolicy(Policy):
 
     def select(self, inp: LayerInput) -> Selection:
         cfg = self.config
-        score = P.column_sums(inp.query, inp.key, inp.mask, inp.scaling, row_ok=inp.real, group=cfg.group_reduce,
+        score = R.column_sums(inp.query, inp.key, inp.mask, inp.scaling, row_ok=inp.real, group=cfg.group_reduce,
                               **inp.attn_kw).double()
         if cfg.text_prior and inp.visual is not None:
             # column sums are at most the number of rows, so this offset puts every text token first

@@ -12,6 +12,7 @@ import torch
 
 from ..config import check_int
 from ..registry import register_method
+from ..core import attention_rows as R
 from . import primitives as P
 from .base import (
     AttachedKV,
@@ -51,7 +52,7 @@ def snap_scores(inp: LayerInput, cfg: SnapKVConfig, name: str) -> tuple[torch.Te
     obs = P.last_real(inp.real, device_ints([max(x, 1) for x in w], inp.real.device))
     W = max(max(w), 1)
     S = inp.key.shape[2]
-    score = P.window_scores(inp.query, inp.key, inp.mask, inp.scaling, obs[:, S - W:], cfg.group_reduce,
+    score = R.window_scores(inp.query, inp.key, inp.mask, inp.scaling, obs[:, S - W:], cfg.group_reduce,
                             **inp.attn_kw)
     if not getattr(cfg, "head_adaptive", True):
         score = score.mean(1, keepdim=True)

@@ -25,6 +25,7 @@ import torch
 
 from ..config import check_choice, check_int
 from ..registry import register_method
+from ..core import attention_rows as R
 from . import primitives as P
 from .base import (
     AttachedKV,
@@ -101,17 +102,17 @@ class VLCachePolicy(Policy):
         sparse = torch.zeros(B, device=inp.key.device)
         visible = torch.zeros(B, device=inp.key.device)
         key = inp.key.float()
-        for start in range(first, Lq, P.ROW_CHUNK):
-            rows = torch.arange(start, min(start + P.ROW_CHUNK, Lq), device=key.device)
-            probs = P.attention_rows(inp.query, key, inp.mask, rows, inp.scaling, **inp.attn_kw)
+        for start in range(first, Lq, R.ROW_CHUNK):
+            rows = torch.arange(start, min(start + R.ROW_CHUNK, Lq), device=key.device)
+            probs = R.attention_rows(inp.query, key, inp.mask, rows, inp.scaling, **inp.attn_kw)
             w = rows_ok[:, rows]  # (B, r)
-            vis = P.row_bias(inp.mask, rows, Lq, S, (Hkv, H // Hkv), inp.key.device, inp.attn_kw.get("sliding_window"))
-            vis = (vis > float("-inf")) & w[:, None, None, :, None]
+            vis = R.mask_bias(inp.mask, rows, Lq, S, (Hkv, H // Hkv), inp.key.device, inp.attn_kw.get("sliding_window"))
+            vis = R.visible(vis) & w[:, None, None, :, None]
             small = probs < self.config.sparsity_threshold * probs.amax(-1, keepdim=True)
             sparse += (small & vis).flatten(1).sum(1)
             visible += vis.expand_as(probs).flatten(1).sum(1)
             score += (probs * w[:, None, None, :, None]).sum(3)
-        return _Record(P.group_reduce(score), sparse, visible)
+        return _Record(R.group_reduce(score), sparse, visible)
 
     def finish(self, records: dict) -> dict:
         cfg = self.config

@@ -18,7 +18,7 @@ from ..registry import register_method
 from ..adapters.base import token_spans  # re-exported: benchmarks import it from here
 from ..flops import keep_count  # noqa: F401  (the one keep rule; re-exported)
 from .engine import PruningEngine, PruningStats, Request
-from .scoring import key_scores
+from ..core.attention_rows import key_scores
 from ..core.device import device_ints
 
 

@@ -42,8 +42,7 @@ from torch import nn
 from ..config import MethodConfig, check_choice, check_int, check_similarity, check_unit_fraction, is_number
 from ..errors import ConfigError
 from ..pruning.engine import PruningEngine
-from ..pruning import scoring
-from ..pruning.scoring import key_scores
+from ..core.attention_rows import key_scores
 from ..registry import register_method
 from . import dedup_kernels as DK
 from . import similarity as S
@@ -908,23 +907,7 @@ def text_row_max_scores(query, key, attention_mask, scaling: float, row_start: t
                         first: int) -> torch.Tensor:
     """`key_scores(..., "text_rows", "max", "max", row_start)` with its first row `first` (= min(row_start))
     given by the caller, so no device-to-host transfer: the same chunks, the same arithmetic, bit-identical."""
-    B, H, Lq, D = query.shape
-    Hkv, Lk = key.shape[1], key.shape[2]
-    G = H // Hkv
-    device = query.device
-    kf = key.float().transpose(-1, -2)
-    best = torch.full((B, Lk), float("-inf"), device=device)
-    for start in range(first, Lq, scoring.ROW_CHUNK):
-        rows = torch.arange(start, min(start + scoring.ROW_CHUNK, Lq), device=device)
-        r = rows.shape[0]
-        q = query[:, :, rows, :].float().reshape(B, Hkv, G * r, D)
-        logits = (torch.matmul(q, kf) * scaling).view(B, Hkv, G, r, Lk)
-        bias = scoring._row_bias(attention_mask, rows, Lq, Lk, B, device)  # (B, 1, r, Lk)
-        probs = torch.softmax(logits + bias[:, :, None], dim=-1)
-        probs = torch.nan_to_num(probs, nan=0.0).reshape(B, H, r, Lk).amax(1)  # max over heads
-        visible = (bias[:, 0] > float("-inf")) & (rows[None, :, None] >= row_start[:, None, None])
-        best = torch.maximum(best, probs.masked_fill(~visible, float("-inf")).amax(1))
-    return best.clamp_min(0.0)
+    return key_scores(query, key, attention_mask, scaling, "text_rows", "max", "max", row_start, first=first)
 
 
 @register_method("focus", family="video", config_cls=FocusConfig,

@@ -16,7 +16,7 @@ import torch
 from ..config import MethodConfig, check_int, check_similarity, check_unit_fraction
 from ..errors import ConfigError
 from ..pruning.engine import PruningEngine
-from ..pruning.scoring import key_scores
+from ..core.attention_rows import key_scores
 from ..registry import register_method
 from .common import DelegateStep, PromptLayout, current_visual, topk_keep
 
