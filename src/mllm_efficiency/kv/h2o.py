@@ -9,23 +9,20 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
 import torch.nn.functional as F
 
-from ..config import check_choice
-from ..registry import register_method
+from ..config import check_choice, check_fraction
 from ..core import attention_rows as R
 from . import primitives as P
 from .base import (
-    AttachedKV,
     KVConfig,
     LayerInput,
     Policy,
     Selection,
-    check_fraction,
     check_parity_options,
 )
 from .merge import merge_fn
+from .method import kv_method
 from ..core.device import device_ints
 
 
@@ -45,6 +42,8 @@ class H2OConfig(KVConfig):
         check_parity_options(self)
 
 
+@kv_method("h2o", config=H2OConfig,
+           summary="H2O: heavy hitters by accumulated attention + recent window (decode='accumulate')")
 class H2OPolicy(Policy):
     def select(self, inp: LayerInput) -> Selection:
         cfg = self.config
@@ -70,9 +69,3 @@ class H2OPolicy(Policy):
         recent = [math.floor(b * self.config.recent_fraction) for b in layer.budget]
         score = layer.score
         return score, P.last_real(real, device_ints(recent, real.device))
-
-
-@register_method("h2o", family="kv", config_cls=H2OConfig,
-                 summary="H2O: heavy hitters by accumulated attention + recent window (decode='accumulate')")
-def attach_h2o(model, adapter, config: H2OConfig) -> AttachedKV:
-    return AttachedKV(model, adapter, H2OPolicy("h2o", config))

@@ -21,8 +21,9 @@ def warn_once(key: str, message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- budgets
-def keep_count(length: int, ratio: float | None, budget_tokens: int | None = None) -> int:
-    """Tokens kept out of `length`: `min(length, budget_tokens)`, or `max(1, floor(L * (1 - ratio) + 1e-6))`."""
+def prompt_keep_count(length: int, ratio: float | None, budget_tokens: int | None = None) -> int:
+    """KV compression's keep rule: prompt tokens kept out of `length`, `min(length, budget_tokens)`, or L * (1 - ratio)
+    floored, `max(1, floor(L * (1 - ratio) + 1e-6))` (token pruning rounds instead: `flops.visual_keep_count`)."""
     if length <= 0:
         return 0
     if budget_tokens is not None:

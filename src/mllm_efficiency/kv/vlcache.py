@@ -23,21 +23,18 @@ import math
 
 import torch
 
-from ..config import check_choice, check_int
-from ..registry import register_method
+from ..config import check_bool, check_choice, check_fraction, check_int
 from ..core import attention_rows as R
 from . import primitives as P
 from .base import (
-    AttachedKV,
     KVConfig,
     LayerInput,
     Policy,
     Selection,
-    check_flag,
-    check_fraction,
     check_parity_options,
 )
 from .merge import merge_fn
+from .method import kv_method
 
 SCORED_SHARE = 0.9  # of the kept budget; the rest is the recent window
 
@@ -62,7 +59,7 @@ class VLCacheConfig(KVConfig):
         check_fraction("min_fraction", self.min_fraction)
         check_int("fallback_rows", self.fallback_rows, 1)
         check_choice("layer_adaptive", self.layer_adaptive, (True, False))
-        check_flag("different_window_per_layer", self.different_window_per_layer)
+        check_bool("different_window_per_layer", self.different_window_per_layer)
         check_parity_options(self)
 
 
@@ -73,6 +70,8 @@ class _Record:
     visible: torch.Tensor  # (B,) visible entries
 
 
+@kv_method("vlcache", config=VLCacheConfig,
+           summary="VL-Cache: post-vision query scores with sparsity-adaptive layer budgets")
 class VLCachePolicy(Policy):
     needs_visual = True
     layer_wise_post_pass = True
@@ -156,9 +155,3 @@ class VLCachePolicy(Policy):
             window = math.floor(cfg.window_fraction * kept * L)
             k = max(1, min(L, window + math.floor(f * L)))
         return f, k, min(window, k)
-
-
-@register_method("vlcache", family="kv", config_cls=VLCacheConfig,
-                 summary="VL-Cache: post-vision query scores with sparsity-adaptive layer budgets")
-def attach_vlcache(model, adapter, config: VLCacheConfig) -> AttachedKV:
-    return AttachedKV(model, adapter, VLCachePolicy("vlcache", config))

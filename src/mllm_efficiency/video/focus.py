@@ -41,7 +41,7 @@ from torch import nn
 
 from ..config import MethodConfig, check_choice, check_int, check_similarity, check_unit_fraction, is_number
 from ..errors import ConfigError
-from ..pruning.engine import PruningEngine
+from ..pruning.engine import PruningEngine, StepResult
 from ..core.attention_rows import key_scores
 from ..registry import register_method
 from . import dedup_kernels as DK
@@ -315,7 +315,7 @@ class AttachedFocus:
         if config.sic_on:
             self._wrap_linears()
             if "query" in config.active_gemms:
-                self.engine._hub.query_transforms.append(self._query_transform)
+                self.engine.hub.add_query_transform(self._query_transform)
 
     # ----------------------------------------------------------------- wrapping
     def _wrap_linears(self) -> None:
@@ -349,8 +349,7 @@ class AttachedFocus:
         for parent, name, inner in reversed(self._wrapped):
             setattr(parent, name, inner)
         self._wrapped.clear()
-        if self._query_transform in self.engine._hub.query_transforms:
-            self.engine._hub.query_transforms.remove(self._query_transform)
+        self.engine.hub.remove_query_transform(self._query_transform)
         for h in self._handles:
             h.remove()
         for step in self.steps:
@@ -488,7 +487,7 @@ class AttachedFocus:
 
     def step_select(self, step, req, hidden):
         if step.tag is None:
-            return None, list(req.visual_counts)
+            return StepResult(None, list(req.visual_counts))
         keep_vis = req.scores.pop(step, None)
         if keep_vis is None:
             raise RuntimeError(f"focus: no scores were recorded at layer {step.score_layer}")
@@ -506,8 +505,8 @@ class AttachedFocus:
             kept = grid[keep_vis[0]]
             self.trace.kept[step.score_layer] = torch.sort(kept).values.to(torch.int32).cpu()
         if all(k == n for k, n in zip(counts, before)):
-            return None, counts
-        return ~visual | keep_vis, counts
+            return StepResult(None, counts)
+        return StepResult(~visual | keep_vis, counts)
 
     # ----------------------------------------------------------------- the selected layers' MLPs (mid_layer)
     def _mlp_in(self, layer: int):
