@@ -29,17 +29,19 @@ SIC (prefill only) wraps the linear layers at the GEMM inputs `q_proj` (shared b
   the first are decided one layer late without draining the GPU's queue. `whole_mlp` runs gate, up and down
   once on the gate/up point's unique rows; `min_dedup_rows` and `dedup_stages="until_dense"` skip points where a
   host sync costs more than it saves (Focus's GPU fast path combines the three, docs/video.md);
-- `sic_mode="off"`: SEC only (same as `sec_only=True`).
+- `sic_mode="off"`: SEC only (`sec_only=True` is its deprecated spelling).
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import warnings
 
 import torch
 from torch import nn
 
-from ..config import MethodConfig, check_choice, check_int, check_similarity, check_unit_fraction, is_number
+from ..config import (MethodConfig, check_bool, check_choice, check_int, check_similarity, check_unit_fraction,
+                      is_number)
 from ..errors import ConfigError
 from ..pruning.engine import PruningEngine, StepResult
 from ..core.attention_rows import key_scores
@@ -62,7 +64,6 @@ class FocusConfig(MethodConfig):
     block_size: int | None = None  # S of the T x S x S block; None: 2 (emulate) / 1 (token_dedup)
     frame_block_size: int = 2  # T
     gemm_m_size: int = 1024  # unpruned tokens per M-tile; -1 = one tile
-    sec_only: bool = False
     sic_mode: str = "emulate"
     gemms: tuple = GEMMS
     mask_row_wrap: bool = False
@@ -119,9 +120,23 @@ class FocusConfig(MethodConfig):
         if self.fused_kernels and DK.triton is None:
             raise ConfigError("fused_kernels=True needs Triton (pip install triton); use None (auto) or False")
 
+    @classmethod
+    def from_kwargs(cls, method: str, **kwargs) -> "FocusConfig":
+        """`sec_only=True` is the deprecated spelling of `sic_mode="off"`."""
+        if "sec_only" in kwargs:
+            sec_only = kwargs.pop("sec_only")
+            check_bool("sec_only", sec_only)
+            warnings.warn(f'{method}: sec_only is deprecated; use sic_mode="off"', DeprecationWarning, stacklevel=3)
+            if sec_only:
+                if kwargs.get("sic_mode", "off") != "off":
+                    raise ConfigError(f"{method}: sec_only=True contradicts sic_mode={kwargs['sic_mode']!r}; "
+                                      'use sic_mode="off" alone')
+                kwargs["sic_mode"] = "off"
+        return super().from_kwargs(method, **kwargs)
+
     @property
     def sic_on(self) -> bool:
-        return not self.sec_only and self.sic_mode != "off"
+        return self.sic_mode != "off"
 
     @property
     def vector(self) -> int:
