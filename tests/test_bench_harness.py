@@ -8,7 +8,8 @@ import torch
 
 from mllm_efficiency import flops as F
 from mllm_efficiency.bench.flops_model import decode_step_flops, prefill_flops
-from mllm_efficiency.bench.harness import BenchSettings, run_bench, summary_rows
+from mllm_efficiency.bench.harness import BenchSettings, run_bench
+from mllm_efficiency.bench.report import summary_rows
 from mllm_efficiency.bench.prompts import PromptShape, build_prompt
 from mllm_efficiency.bench.roofline import kv_bytes, roofline_ms, stored_lengths
 from mllm_efficiency.bench.specs import parse_entries, parse_entry

@@ -191,7 +191,7 @@ def test_h2o_matches_reference(models, ratio):
 
 def test_h2o_column_sums_in_chunks(models, monkeypatch):
     """The all-row column sums are computed 512 rows at a time; a chunk of 7 rows gives the same kept set."""
-    from mllm_efficiency.kv import primitives
+    from mllm_efficiency.core import attention_rows as primitives
 
     model, _ = models
     inputs = dict(input_ids=ids_of(40, 4))

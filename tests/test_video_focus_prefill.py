@@ -12,7 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import mllm_efficiency as me
-from mllm_efficiency.pruning.scoring import ROW_CHUNK, key_scores
+from mllm_efficiency.core.attention_rows import ROW_CHUNK, key_scores
 from mllm_efficiency.video.focus import _Compaction, text_row_max_scores
 from conftest import load_script
 

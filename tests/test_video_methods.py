@@ -581,3 +581,15 @@ def test_whole_mlp_settings_are_checked(ov):
         me.apply(ov, "focus", whole_mlp=True)  # emulate
     with pytest.raises(ConfigError, match="whole_mlp"):
         me.apply(ov, "focus", sic_mode="token_dedup", whole_mlp=True, gemms=("q_proj",))
+
+
+def test_sec_only_is_a_deprecated_spelling_of_sic_mode_off():
+    from mllm_efficiency.video.focus import FocusConfig
+
+    with pytest.warns(DeprecationWarning, match='sic_mode="off"'):
+        cfg = FocusConfig.from_kwargs("focus", sec_only=True)
+    assert cfg.sic_mode == "off" and not cfg.sic_on and "sec_only" not in FocusConfig.field_names()
+    with pytest.warns(DeprecationWarning):
+        assert FocusConfig.from_kwargs("focus", sec_only=False).sic_mode == "emulate"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="contradicts"):
+        FocusConfig.from_kwargs("focus", sec_only=True, sic_mode="token_dedup")

@@ -94,3 +94,21 @@ def test_sample_frames_uniformly_from_a_video_file(tmp_path):
     assert np.allclose(means, [i * 12 for i in idx], atol=6)
     with pytest.raises(ValueError, match="num_frames"):
         uniform_indices(20, 0)
+
+
+def test_processor_inputs_give_the_sampled_frames_to_the_processor(monkeypatch):
+    """`processor_inputs` hands the uniformly sampled frames, as one video, to the model's processor."""
+    from mllm_efficiency.video import io
+
+    frames = np.arange(4 * 2 * 2 * 3, dtype=np.uint8).reshape(4, 2, 2, 3)
+    monkeypatch.setattr(io, "sample_frames", lambda path, n: frames[:n])
+    seen = {}
+
+    def processor(**kwargs):
+        seen.update(kwargs)
+        return {"pixel_values_videos": kwargs["videos"][0]}
+
+    out = io.processor_inputs(processor, "clip.mp4", 3, "<video> what happens?")
+    assert seen["text"] == "<video> what happens?" and seen["return_tensors"] == "pt"
+    assert len(seen["videos"]) == 1 and np.array_equal(seen["videos"][0], frames[:3])
+    assert out["pixel_values_videos"].shape == (3, 2, 2, 3)

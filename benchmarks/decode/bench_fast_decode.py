@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO / "benchmarks" / "kv"))
 import torch  # noqa: E402
 
 import mllm_efficiency as me  # noqa: E402
-from mllm_efficiency.bench.report import cache_kwarg, jsonable, output_cache  # noqa: E402
+from mllm_efficiency.bench.report import jsonable  # noqa: E402
+from mllm_efficiency.core.attachments import cache_kwarg, output_cache  # noqa: E402
 from mllm_efficiency.bench.timing import environment_info  # noqa: E402
 from mllm_efficiency.fast import FastDecoder  # noqa: E402
 from bench_kv import (DTYPES, PRESETS, Clock, build_config, build_model, free_memory, measure_bandwidth,  # noqa: E402
@@ -77,7 +78,7 @@ def hf_decode(model, ids, args, clock) -> dict:
     B, L = ids.shape
     with torch.inference_mode():
         out = model(ids, use_cache=True, logits_to_keep=1)
-        cache = output_cache(out)
+        cache = output_cache(out, required=True)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         stored = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
         pos = torch.full((B, 1), L, dtype=torch.long, device=ids.device)

@@ -45,9 +45,10 @@ import torch
 import mllm_efficiency as me
 from mllm_efficiency.bench.timing import (GIB, environment_info, markdown_table, peak_memory, synchronize,
                                           time_cuda)
-from mllm_efficiency.pruning.fastv import keep_count
-from mllm_efficiency.bench.report import (build_random_model, cache_kwarg, ideal_pruned_shape,  # noqa: E402
-                                          output_cache, write_outputs)
+from mllm_efficiency.flops import visual_keep_count as keep_count  # noqa: E402
+from mllm_efficiency.bench.models import build_random_model, ideal_pruned_shape  # noqa: E402
+from mllm_efficiency.bench.report import write_outputs  # noqa: E402
+from mllm_efficiency.core.attachments import cache_kwarg, output_cache  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ presets
 PRESETS = {
@@ -219,7 +220,7 @@ class Bench:
 
         def setup():
             out = self.prefill(ids)
-            cache = output_cache(out)
+            cache = output_cache(out, required=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             return [cache, tok]
 

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 import mllm_efficiency as me  # noqa: E402
 from mllm_efficiency.testing import tiny_llama_lm  # noqa: E402
-from mllm_efficiency.bench.report import cache_kwarg  # noqa: E402
+from mllm_efficiency.core.attachments import cache_kwarg  # noqa: E402
 
 
 def decode_ms(model, ids, steps: int) -> float:

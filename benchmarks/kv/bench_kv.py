@@ -51,7 +51,9 @@ import torch
 
 import mllm_efficiency as me
 from mllm_efficiency.bench.timing import GIB, environment_info, markdown_table, synchronize, time_cuda
-from mllm_efficiency.bench.report import build_random_model, cache_kwarg, jsonable, output_cache  # noqa: E402
+from mllm_efficiency.bench.models import build_random_model  # noqa: E402
+from mllm_efficiency.bench.report import jsonable  # noqa: E402
+from mllm_efficiency.core.attachments import cache_kwarg, output_cache  # noqa: E402
 from mllm_efficiency.bench import roofline  # noqa: E402
 from mllm_efficiency.bench.roofline import kv_bytes, stored_lengths  # noqa: E402
 
@@ -283,7 +285,7 @@ class Runner:
             base = reset_peak(dev)
             out = self.prefill(ids)
             peak = read_peak(dev)
-            cache = output_cache(out)
+            cache = output_cache(out, required=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             res["logits_finite"] = bool(torch.isfinite(out.logits.float()).all())
             del out

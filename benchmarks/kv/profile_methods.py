@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 import mllm_efficiency as me  # noqa: E402
-from mllm_efficiency.bench.report import build_random_model, cache_kwarg  # noqa: E402
+from mllm_efficiency.bench.models import build_random_model  # noqa: E402
+from mllm_efficiency.core.attachments import cache_kwarg  # noqa: E402
 
 
 def main() -> None:

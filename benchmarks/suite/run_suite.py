@@ -32,9 +32,9 @@ except ImportError:  # run from a checkout without installation
 
 import torch
 
-from mllm_efficiency.bench.harness import BenchSettings, run_bench, summary_rows
+from mllm_efficiency.bench.harness import BenchSettings, run_bench
 from mllm_efficiency.bench.prompts import PromptShape
-from mllm_efficiency.bench.report import write_bench
+from mllm_efficiency.bench.report import summary_rows, write_bench
 from mllm_efficiency.bench.specs import parse_entry
 from mllm_efficiency.bench.timing import markdown_table
 from mllm_efficiency.errors import ConfigError

@@ -153,10 +153,10 @@ def arms(T: int, frames: int):
     common = dict(frames=frames)
     video = focus_default(T)
     return [("dense", None, {}),
-            ("focus_sec", "focus", dict(video, sec_only=True, **common)),
+            ("focus_sec", "focus", dict(video, sic_mode="off", **common)),
             ("focus_sec_dedup", "focus", dict(video, sic_mode="token_dedup", similarity_threshold=0.9, **common)),
             ("framefusion_0.3", "framefusion", dict(cost=0.3, similarity_lower_bound=0.6, **common)),
-            ("focus_sec_ffmatch", "focus", dict(video, sec_only=True, **common)),  # alphas set at run time
+            ("focus_sec_ffmatch", "focus", dict(video, sic_mode="off", **common)),  # alphas set at run time
             ("focus_sec_dedup_ffmatch", "focus", dict(video, sic_mode="token_dedup", similarity_threshold=0.9,
                                                       **common)),
             # the same with the eager (unfused) matching and group means: what the Triton kernels save

@@ -66,8 +66,10 @@ import mllm_efficiency as me
 from mllm_efficiency.adapters import get_adapter
 from mllm_efficiency.bench.timing import (GIB, environment_info, markdown_table, peak_memory, synchronize,
                                           time_cuda)
-from mllm_efficiency.pruning.fastv import keep_count, token_spans
-from mllm_efficiency.bench.report import build_random_model, ideal_pruned_shape, write_outputs  # noqa: E402
+from mllm_efficiency.flops import visual_keep_count as keep_count  # noqa: E402
+from mllm_efficiency.pruning.fastv import token_spans
+from mllm_efficiency.bench.models import build_random_model, ideal_pruned_shape  # noqa: E402
+from mllm_efficiency.bench.report import write_outputs  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ presets
 _QWEN2_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,

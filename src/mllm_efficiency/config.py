@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Iterable
 
 from .errors import ConfigError
@@ -135,3 +136,50 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0, low_open: bool = False) -> None:
+    """A number in [low, high] (`low_open`: (low, high])."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = (v > low if low_open else v >= low) and v <= high
+    if not ok:
+        lo = "(" if low_open else "["
+        raise ConfigError(f"{name} must be in {lo}{low}, {high}], got {value!r}")
+
+
+def to_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer (numpy integers included) in [minimum, maximum], returned as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        if maximum is not None:
+            raise ConfigError(f"{name} must be in [{minimum}, {maximum}], got {value}")
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+def to_real(name: str, value: Any, minimum: float | None = None) -> float:
+    """A finite real number (numpy scalars included) >= minimum, returned as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def to_ratio(ratio: Any) -> float:
+    """Token pruning's `ratio`: the fraction of visual tokens dropped, in [0, 1), returned as float."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise ConfigError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    ratio = float(ratio)
+    if not (0.0 <= ratio < 1.0):
+        raise ConfigError(f"ratio must be in [0, 1) (fraction of visual tokens dropped), got {ratio}")
+    return ratio

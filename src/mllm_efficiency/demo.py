@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from .core.attachments import output_cache
+
 MASK_TOL = 1e-4
 
 
@@ -42,7 +44,7 @@ class DemoOptions:
 
 
 def _prompt(opts: DemoOptions):
-    from .testing import llava_prompt
+    from .tiny import llava_prompt
 
     per_image = (opts.image_size // 8) ** 2
     return llava_prompt(num_images=opts.images, prefix=(1, 10, 11, 15, 16), between=(20, 21, 22),
@@ -96,9 +98,7 @@ def _time_pair(model, inputs, attach: Callable[[], Any], repeats: int) -> tuple[
 
 
 def _cache_lengths(out) -> list[int] | None:
-    # transformers >= 5.24 names the output field `cache` (`past_key_values` is a deprecated alias)
-    fields = getattr(out, "__dataclass_fields__", {})
-    cache = getattr(out, "cache" if "cache" in fields else "past_key_values", None)
+    cache = output_cache(out)
     if cache is None or not hasattr(cache, "layers"):
         return None
     return [int(layer.keys.shape[-2]) for layer in cache.layers]
@@ -140,7 +140,7 @@ def run_demo(opts: DemoOptions | None = None, log: Callable[[str], None] = print
 
 def _run_demo(opts: DemoOptions, log: Callable[[str], None]) -> dict[str, Any]:
     import mllm_efficiency as me
-    from .testing import tiny_llava
+    from .tiny import tiny_llava
 
     t_start = time.perf_counter()
     torch.manual_seed(opts.seed)

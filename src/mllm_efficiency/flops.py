@@ -37,16 +37,17 @@ Input errors raise :class:`mllm_efficiency.errors.ConfigError` (a ``ValueError``
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from .config import to_int, to_ratio, to_real
 from .errors import ConfigError
 
 __all__ = [
     "LayerShape",
     "FlopsReport",
     "keep_count",
+    "visual_keep_count",
     "paper_eq5_layer_flops",
     "paper_eq5",
     "exact_layer_flops",
@@ -58,39 +59,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------- validation
-def _check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        if maximum is not None:
-            raise ConfigError(f"{name} must be in [{minimum}, {maximum}], got {value}")
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name} must be in [{minimum}, {maximum}], got {value}")
-    return value
-
-
-def _check_real(name: str, value: Any, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ConfigError(f"{name} must be finite, got {value}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_ratio(ratio: Any) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
-        raise ConfigError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    ratio = float(ratio)
-    if not (0.0 <= ratio < 1.0):
-        raise ConfigError(f"ratio must be in [0, 1) (fraction of visual tokens dropped), got {ratio}")
-    return ratio
-
-
 # --------------------------------------------------------------------------------------------- shapes
 @dataclass(frozen=True)
 class LayerShape:
@@ -106,13 +74,13 @@ class LayerShape:
     gated_mlp: bool = True  # SwiGLU (gate, up, down) vs a two-matrix FFN
 
     def __post_init__(self) -> None:
-        _check_int("hidden", self.hidden, 1)
-        _check_int("intermediate", self.intermediate, 0)
-        _check_int("num_layers", self.num_layers, 1)
-        _check_int("num_heads", self.num_heads, 1)
-        _check_int("num_kv_heads", self.num_kv_heads, 1, self.num_heads)
-        _check_int("head_dim", self.head_dim, 1)
-        _check_int("vocab", self.vocab, 0)
+        to_int("hidden", self.hidden, 1)
+        to_int("intermediate", self.intermediate, 0)
+        to_int("num_layers", self.num_layers, 1)
+        to_int("num_heads", self.num_heads, 1)
+        to_int("num_kv_heads", self.num_kv_heads, 1, self.num_heads)
+        to_int("head_dim", self.head_dim, 1)
+        to_int("vocab", self.vocab, 0)
         if not isinstance(self.gated_mlp, bool):
             raise ConfigError(f"gated_mlp must be a bool, got {self.gated_mlp!r}")
 
@@ -187,21 +155,26 @@ _TWO_MATRIX_FFN = frozenset({"gpt2", "gpt_neox", "gptj", "opt", "phi", "starcode
 
 
 # --------------------------------------------------------------------------------------------- keep rule
-def keep_count(num_visual: int, ratio: float) -> int:
-    """FastV keep rule (docs/token_pruning.md): ``max(1, min(N, round(N * (1 - R))))`` for N > 0, else 0."""
-    n = _check_int("num_visual", num_visual, 0)
-    r = _check_ratio(ratio)
+def visual_keep_count(num_visual: int, ratio: float) -> int:
+    """Token pruning's keep rule (docs/token_pruning.md): visual tokens kept, N * (1 - R) rounded to the nearest
+    integer, ``max(1, min(N, round(N * (1 - R))))`` for N > 0, else 0. KV compression floors instead
+    (`kv.primitives.prompt_keep_count`): a different rule for a different quantity."""
+    n = to_int("num_visual", num_visual, 0)
+    r = to_ratio(ratio)
     if n == 0:
         return 0
     return max(1, min(n, round(n * (1.0 - r))))
 
 
+keep_count = visual_keep_count  # the name the FLOPs API has always exported
+
+
 # --------------------------------------------------------------------------------------------- paper Eq. 5
 def paper_eq5_layer_flops(n: float, d: float, m: float) -> float:
     """FastV Eq. 5 for one layer: ``F(n) = 4*n*d^2 + 2*n^2*d + 2*n*d*m`` (``n`` may be fractional)."""
-    n = _check_real("n", n, 0.0)
-    d = _check_real("d", d, 0.0)
-    m = _check_real("m", m, 0.0)
+    n = to_real("n", n, 0.0)
+    d = to_real("d", d, 0.0)
+    m = to_real("m", m, 0.0)
     return 4.0 * n * d * d + 2.0 * n * n * d + 2.0 * n * d * m
 
 
@@ -211,16 +184,16 @@ def paper_eq5(num_layers: int, k: int, n: float, n_hat: float, d: float, m: floa
     Returns ``{"baseline": F(n), "pruned": [k*F(n) + (T-k)*F(n_hat)]/T, "ratio": pruned/baseline,
     "reduction": 1 - ratio}``. ``n_hat`` may be fractional (the paper uses ``n - R*576``).
     """
-    t = _check_int("num_layers", num_layers, 1)
-    k = _check_int("k", k, 0, t - 1)
-    n = _check_real("n", n, 0.0)
-    n_hat = _check_real("n_hat", n_hat, 0.0)
+    t = to_int("num_layers", num_layers, 1)
+    k = to_int("k", k, 0, t - 1)
+    n = to_real("n", n, 0.0)
+    n_hat = to_real("n_hat", n_hat, 0.0)
     if n_hat > n:
         raise ConfigError(f"n_hat must be <= n (pruning never adds tokens), got n_hat={n_hat}, n={n}")
-    d = _check_real("d", d, 0.0)
+    d = to_real("d", d, 0.0)
     if d <= 0:
         raise ConfigError(f"d must be > 0, got {d}")
-    m = _check_real("m", m, 0.0)
+    m = to_real("m", m, 0.0)
     full = paper_eq5_layer_flops(n, d, m)
     pruned_layer = paper_eq5_layer_flops(n_hat, d, m)
     pruned = (k * full + (t - k) * pruned_layer) / t
@@ -231,7 +204,7 @@ def paper_eq5(num_layers: int, k: int, n: float, n_hat: float, d: float, m: floa
 # --------------------------------------------------------------------------------------------- exact count
 def exact_layer_flops(shape: LayerShape, n: int) -> float:
     """2 x MACs of one decoder layer on ``n`` tokens in a causal prefill (definition in the module docstring)."""
-    n = _check_int("n", n, 0)
+    n = to_int("n", n, 0)
     d = shape.hidden
     q_width = shape.num_heads * shape.head_dim
     kv_width = shape.num_kv_heads * shape.head_dim
@@ -252,21 +225,21 @@ def exact_prefill_flops(shape: LayerShape, n_total: int, k: int | None = None, n
     last position when ``shape.vocab > 0``.
     """
     t = shape.num_layers
-    n_total = _check_int("n_total", n_total, 0)
+    n_total = to_int("n_total", n_total, 0)
     if k is None or n_pruned is None:
         k, n_pruned = t, n_total
     else:
-        k = _check_int("k", k, 0, t - 1)
-        n_pruned = _check_int("n_pruned", n_pruned, 0, n_total)
+        k = to_int("k", k, 0, t - 1)
+        n_pruned = to_int("n_pruned", n_pruned, 0, n_total)
     return k * exact_layer_flops(shape, n_total) + (t - k) * exact_layer_flops(shape, n_pruned) + _lm_head_flops(shape)
 
 
 def equivalent_tokens(num_layers: int, k: int, num_visual: int, keep: int) -> float:
     """Visual tokens averaged over layers: ``(k*N + (T-k)*keep) / T``."""
-    t = _check_int("num_layers", num_layers, 1)
-    k = _check_int("k", k, 0, t - 1)
-    n = _check_int("num_visual", num_visual, 0)
-    keep = _check_int("keep", keep, 0, n)
+    t = to_int("num_layers", num_layers, 1)
+    k = to_int("k", k, 0, t - 1)
+    n = to_int("num_visual", num_visual, 0)
+    keep = to_int("keep", keep, 0, n)
     return (k * n + (t - k) * keep) / t
 
 
@@ -341,15 +314,15 @@ def fastv_flops(
     if not isinstance(shape, LayerShape):
         raise ConfigError(f"shape must be a LayerShape, got {type(shape).__name__}")
     t = shape.num_layers
-    prefix_len = _check_int("prefix_len", prefix_len, 0)
-    num_visual = _check_int("num_visual", num_visual, 0)
-    text_len = _check_int("text_len", text_len, 0)
-    k = _check_int("k", k, 0, t - 1)
-    ratio = _check_ratio(ratio)
+    prefix_len = to_int("prefix_len", prefix_len, 0)
+    num_visual = to_int("num_visual", num_visual, 0)
+    text_len = to_int("text_len", text_len, 0)
+    k = to_int("k", k, 0, t - 1)
+    ratio = to_ratio(ratio)
     if keep is None:
-        keep = keep_count(num_visual, ratio)
+        keep = visual_keep_count(num_visual, ratio)
     else:
-        keep = _check_int("keep", keep, 0, num_visual)
+        keep = to_int("keep", keep, 0, num_visual)
     n_total = prefix_len + num_visual + text_len
     if n_total == 0:
         raise ConfigError("prefix_len + num_visual + text_len must be > 0 (empty sequence)")

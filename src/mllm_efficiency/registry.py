@@ -38,12 +38,8 @@ _METHOD_PACKAGES = ("pruning.fastv", "pruning.simignore", "kv", "memory", "video
 def _load_builtin_methods() -> None:
     import importlib
 
-    for name in _METHOD_PACKAGES:
-        try:
-            importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as e:  # a family package not written yet; any other missing module is an error
-            if e.name != f"{__package__}.{name}":
-                raise
+    for name in _METHOD_PACKAGES:  # a missing package is an error (ModuleNotFoundError names it)
+        importlib.import_module(f"{__package__}.{name}")
 
 
 def available_methods(family: str | None = None) -> list[str]:

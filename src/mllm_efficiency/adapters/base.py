@@ -1,11 +1,12 @@
 """What a method needs to know about a model family, in one place."""
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from ..core.attachments import cache_kwarg
 
 
 class ModelAdapter:
@@ -22,9 +23,7 @@ class ModelAdapter:
         self.model = model
         self.text_model = text_model
         self.visual_token_ids = tuple(int(t) for t in visual_token_ids if t is not None)
-        params = inspect.signature(text_model.forward).parameters
-        # transformers >= 5.24 names the cache argument `cache`; earlier 5.x releases `past_key_values`.
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.cache_kwarg = cache_kwarg(text_model)
 
     @property
     def text_config(self):

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,9 +26,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..core.attachments import cache_kwarg, output_cache
 from ..errors import ConfigError
 from .prompts import Prompt, PromptShape, build_prompt
-from .report import cache_kwarg, output_cache
+from .presets import PRESETS, build_preset
 from .roofline import (host_launch_us, kv_bytes, measure_bandwidth, roofline_ms, stored_lengths, weight_bytes,
                        weight_bytes_read)
 from .specs import BenchEntry, parse_entries
@@ -115,8 +114,6 @@ class Progress:
 def load_model(name: str, device: torch.device, dtype: torch.dtype, attn: str, tokens_per_image: int | None,
                seed: int):
     """(model, source description): a size preset with random weights, a zoo alias, a .gguf file or an HF dir."""
-    from .presets import PRESETS, build_preset
-
     if name in PRESETS:
         return build_preset(name, device, dtype, attn, tokens_per_image, seed), f"preset {name} (random weights)"
     from ..zoo import ALIASES, load_model as zoo_load
@@ -240,7 +237,7 @@ class EntryRunner:
                     probe.remove()
                 res["prefill_peak_bytes"] = self._peak()
                 res["baseline_bytes"] = base
-                cache = output_cache(out)
+                cache = output_cache(out, required=True)
                 logits = out.logits[:, -1]
                 del out
                 res["processed_lengths"] = probe.lengths
@@ -483,47 +480,3 @@ def _compare_with_vanilla(rows: list[dict]) -> None:
             if key in r and key in van and "error" not in r[key] and "error" not in van[key]:
                 r[key]["speedup"] = van[key]["step"]["median_ms"] / r[key]["step"]["median_ms"]
                 r[key]["tokens_equal_vanilla"] = bool(torch.equal(r[key]["tokens"], van[key]["tokens"]))
-
-
-def summary_rows(result: dict) -> list[dict]:
-    """One flat row per entry for tables and plots."""
-    rows = []
-    for r in result["entries"]:
-        if "error" in r:
-            rows.append({"entry": r["entry"], "error": r["error"]})
-            continue
-        row = {"entry": r["entry"],
-               "vision_ms": r["vision"]["median_ms"] if "vision" in r else None,
-               "ttft_ms": r["ttft"]["median_ms"], "ttft_p10_ms": r["ttft"]["p10_ms"], "ttft_p90_ms": r["ttft"]["p90_ms"],
-               "llm_prefill_ms": r["llm_prefill_ms"], "ttft_speedup": r.get("ttft_speedup"),
-               "llm_prefill_speedup": r.get("llm_prefill_speedup"),
-               "prefill_gflops": r["prefill_flops"] / 1e9, "flops_ratio": r.get("flops_ratio"),
-               "kv_mib": r["kv_bytes"] / 2 ** 20, "kv_reduction": r.get("kv_reduction"),
-               "stored_mean": statistics.fmean(r["stored_lengths"]) if r["stored_lengths"] else 0,
-               "prefill_peak_gib": _gib(r.get("prefill_peak_bytes")),
-               "first_logits_max_diff": r.get("first_logits_max_diff")}
-        for key, tag in (("decode_hf", "hf"), ("decode_fast", "fast")):
-            d = r.get(key)
-            if d and "error" in d:
-                row["error"] = f"{tag} decode: {d['error']}"
-            elif d:
-                row.update({f"{tag}_step_ms": d["step"]["median_ms"], f"{tag}_step_p10_ms": d["step"]["p10_ms"],
-                            f"{tag}_step_p90_ms": d["step"]["p90_ms"], f"{tag}_tok_s": d["tokens_per_s"],
-                            f"{tag}_roofline_ms": d["roofline_ms"], f"{tag}_over_roofline": d["measured_over_roofline"],
-                            f"{tag}_steady_gib": _gib(d.get("steady_bytes")), f"{tag}_peak_gib": _gib(d.get("peak_bytes")),
-                            f"{tag}_decode_speedup": d.get("speedup")})
-        if "fast_over_hf_speedup" in r:
-            row["fast_over_hf"] = r["fast_over_hf_speedup"]
-        if "e2e_fast" in r:
-            row.update(e2e_hf_ms=r["e2e_hf"]["median_ms"], e2e_fast_ms=r["e2e_fast"]["median_ms"],
-                       e2e_fast_over_hf=r["e2e_fast_over_hf"])
-        rows.append(row)
-    return rows
-
-
-def _gib(x) -> float | None:
-    return None if x is None else x / 2 ** 30
-
-
-def is_finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -18,6 +18,7 @@ import inspect
 import math
 
 from ..errors import ConfigError
+from .models import build_random_model
 
 _LLAMA2_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=65536, rope_theta=10000.0,
@@ -162,8 +163,6 @@ def model_class(preset: Preset):
 def build_preset(name: str, device, dtype, attn: str = "sdpa", tokens_per_image: int | None = None,
                  seed: int = 0):
     """A random-weight model of preset `name`, built on `device` in `dtype`."""
-    from .report import build_random_model
-
     preset = get_preset(name)
     config = build_config(preset, attn, tokens_per_image)
     return build_random_model(model_class(preset), config, device, dtype, seed)

@@ -1,32 +1,16 @@
-"""What every benchmark script shares: random-weight models built on the device, JSON-safe results, outputs."""
+"""Results of benchmarks: JSON-safe values, output files, and the `mllm-eff bench` tables and plot."""
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def build_random_model(model_cls, config, device, dtype: torch.dtype, seed: int):
-    """`model_cls(config)` with random init (HF: normal std 0.02) built directly on `device` in `dtype`;
-    latency and memory do not depend on weight values."""
-    torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = model_cls(config)
-    finally:
-        torch.set_default_dtype(prev)
-    model.to(dtype)  # no-op for parameters; makes sure nothing stayed in another float type
-    model.eval()
-    model.requires_grad_(False)
-    return model
+from .timing import markdown_table
 
 
 def jsonable(x: Any) -> Any:
@@ -50,53 +34,47 @@ def write_outputs(result: dict, markdown: str, json_path: str | None, markdown_p
             print(f"wrote {path}", file=sys.stderr)
 
 
-def cache_kwarg(model) -> str:
-    """The forward's cache argument: `cache` from transformers 5.24, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def output_cache(out):
-    """The cache a forward returned, whichever name the installed transformers gives it."""
-    for name in ("cache", "past_key_values"):
-        c = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
-        if c is not None:
-            return c
-    raise RuntimeError("the model returned no cache (use_cache=True)")
-
-
-@contextlib.contextmanager
-def sliced_layers(text_model, start: int, stop: int):
-    """Temporarily keep only decoder layers [start, stop) (layer_idx of each layer is unchanged)."""
-    original = text_model.layers
-    text_model.layers = torch.nn.ModuleList(list(original)[start:stop])
-    try:
-        yield
-    finally:
-        text_model.layers = original
-
-
-def ideal_pruned_shape(ttft, text_model, full_inputs, short_inputs, k: int, t_full_l, t_full_lp) -> dict:
-    """Cost of a pruned prefill's shape on the unmodified model: layers[:k] on the full inputs plus layers[k:]
-    on the short ones, minus one call with no layers (embeddings, RoPE table, norm, head: counted twice
-    otherwise). `ttft(inputs)` returns a TimingResult; `interp_ms` interpolates full-model timings instead."""
-    T = len(text_model.layers)
-    with sliced_layers(text_model, 0, k):
-        seg1 = ttft(full_inputs)
-    with sliced_layers(text_model, k, T):
-        seg2 = ttft(short_inputs)
-    with sliced_layers(text_model, 0, 0):
-        shell = ttft(short_inputs)
-    interp = None
-    if t_full_lp is not None:
-        interp = k / T * t_full_l.median_ms + (T - k) / T * t_full_lp.median_ms
-    return {"direct_ms": seg1.median_ms + seg2.median_ms - shell.median_ms,
-            "segments_sum_ms": seg1.median_ms + seg2.median_ms,
-            "first_k_layers_at_L": seg1.as_dict(), "last_layers_at_Lp": seg2.as_dict(),
-            "shell_at_Lp": shell.as_dict(), "interp_ms": interp,
-            "full_model_at_Lp": t_full_lp.as_dict() if t_full_lp is not None else None}
-
-
 # ------------------------------------------------------------------------------------------------ mllm-eff bench
+def summary_rows(result: dict) -> list[dict]:
+    """One flat row per entry for tables and plots."""
+    rows = []
+    for r in result["entries"]:
+        if "error" in r:
+            rows.append({"entry": r["entry"], "error": r["error"]})
+            continue
+        row = {"entry": r["entry"],
+               "vision_ms": r["vision"]["median_ms"] if "vision" in r else None,
+               "ttft_ms": r["ttft"]["median_ms"], "ttft_p10_ms": r["ttft"]["p10_ms"], "ttft_p90_ms": r["ttft"]["p90_ms"],
+               "llm_prefill_ms": r["llm_prefill_ms"], "ttft_speedup": r.get("ttft_speedup"),
+               "llm_prefill_speedup": r.get("llm_prefill_speedup"),
+               "prefill_gflops": r["prefill_flops"] / 1e9, "flops_ratio": r.get("flops_ratio"),
+               "kv_mib": r["kv_bytes"] / 2 ** 20, "kv_reduction": r.get("kv_reduction"),
+               "stored_mean": statistics.fmean(r["stored_lengths"]) if r["stored_lengths"] else 0,
+               "prefill_peak_gib": _gib(r.get("prefill_peak_bytes")),
+               "first_logits_max_diff": r.get("first_logits_max_diff")}
+        for key, tag in (("decode_hf", "hf"), ("decode_fast", "fast")):
+            d = r.get(key)
+            if d and "error" in d:
+                row["error"] = f"{tag} decode: {d['error']}"
+            elif d:
+                row.update({f"{tag}_step_ms": d["step"]["median_ms"], f"{tag}_step_p10_ms": d["step"]["p10_ms"],
+                            f"{tag}_step_p90_ms": d["step"]["p90_ms"], f"{tag}_tok_s": d["tokens_per_s"],
+                            f"{tag}_roofline_ms": d["roofline_ms"], f"{tag}_over_roofline": d["measured_over_roofline"],
+                            f"{tag}_steady_gib": _gib(d.get("steady_bytes")), f"{tag}_peak_gib": _gib(d.get("peak_bytes")),
+                            f"{tag}_decode_speedup": d.get("speedup")})
+        if "fast_over_hf_speedup" in r:
+            row["fast_over_hf"] = r["fast_over_hf_speedup"]
+        if "e2e_fast" in r:
+            row.update(e2e_hf_ms=r["e2e_hf"]["median_ms"], e2e_fast_ms=r["e2e_fast"]["median_ms"],
+                       e2e_fast_over_hf=r["e2e_fast_over_hf"])
+        rows.append(row)
+    return rows
+
+
+def _gib(x) -> float | None:
+    return None if x is None else x / 2 ** 30
+
+
 _BENCH_COLUMNS = [
     ("entry", "entry"), ("vision_ms", "vision ms"), ("ttft_ms", "TTFT ms"), ("ttft_spread", "TTFT p10–p90"),
     ("ttft_speedup", "TTFT speedup"), ("llm_prefill_speedup", "LLM prefill speedup"),
@@ -113,8 +91,6 @@ _BENCH_COLUMNS = [
 def bench_markdown(result: dict) -> str:
     """The `mllm-eff bench` result as markdown: a header naming model, prompt, device and bandwidth, then one
     row per entry (columns without any value are left out)."""
-    from .harness import summary_rows
-    from .timing import markdown_table
 
     rows = summary_rows(result)
     for r in rows:
@@ -142,8 +118,6 @@ def bench_markdown(result: dict) -> str:
 def bench_plot(result: dict, path) -> str | None:
     """Measured prefill speedup against the theoretical FLOPs ratio (y = x is the ideal). Returns a note instead
     of writing when matplotlib is missing or nothing can be plotted."""
-    from .harness import summary_rows
-
     try:
         import matplotlib
 

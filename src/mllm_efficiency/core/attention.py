@@ -15,8 +15,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .attachments import HUB as _HUB_ATTR
+
 PREFIX = "mllm_eff_"
-_HUB_ATTR = "_mllm_eff_hub"
 _registered: set[str] = set()
 _users: dict[str, int] = {}  # registered name -> models using it; the last user's release unregisters it
 
@@ -141,3 +142,10 @@ class AttentionHub:
 
     def remove_callback(self, cb: AttentionCallback) -> None:
         self.callbacks = [c for c in self.callbacks if c is not cb]
+
+    def add_query_transform(self, fn: Callable) -> None:
+        """`fn(module, query, kwargs) -> query`, applied to Q after RoPE before attention runs."""
+        self.query_transforms.append(fn)
+
+    def remove_query_transform(self, fn: Callable) -> None:
+        self.query_transforms = [f for f in self.query_transforms if f is not fn]

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
+from . import attachments
 from . import masks as M
 from .attention import inner_name
 from .cache import TrackedCache, TrackedLayer
 from .threads import ForwardGuard
 
-_CONTEXT_ATTR = "_mllm_eff_context"
 
 
 class ModelContext:
@@ -47,17 +47,17 @@ class ModelContext:
     # ----------------------------------------------------------------- lifecycle
     @classmethod
     def acquire(cls, adapter) -> "ModelContext":
-        ctx = getattr(adapter.text_model, _CONTEXT_ATTR, None)
+        ctx = attachments.attached(adapter.text_model, attachments.CONTEXT)
         if ctx is None:
             ctx = cls(adapter)
-            setattr(adapter.text_model, _CONTEXT_ATTR, ctx)
+            attachments.attach(adapter.text_model, attachments.CONTEXT, ctx)
         ctx.users += 1
         return ctx
 
     @classmethod
     def of(cls, adapter) -> "ModelContext | None":
         """The context attached to this model, if any method uses one."""
-        return getattr(adapter.text_model, _CONTEXT_ATTR, None)
+        return attachments.attached(adapter.text_model, attachments.CONTEXT)
 
     def announce_input_ids(self, ids: torch.Tensor | None) -> None:
         """The ids of the next text-model forward, for callers that run the text model directly with
@@ -70,7 +70,7 @@ class ModelContext:
             return
         for h in self._handles:
             h.remove()
-        delattr(self.adapter.text_model, _CONTEXT_ATTR)
+        attachments.detach(self.adapter.text_model, attachments.CONTEXT, self)
 
     @property
     def inner_impl(self) -> str:

@@ -11,14 +11,9 @@ import torch
 from torch import nn
 
 from . import attention
-
-PREFIX = "_mllm_eff"
+from .attachments import PREFIX, own_attributes as _own_attrs
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
-def _own_attrs(obj) -> dict:
-    return {k: v for k, v in vars(obj).items() if k.startswith(PREFIX)}
 
 
 def _shallow_state(obj) -> dict:

@@ -22,13 +22,12 @@ import torch
 from transformers import DynamicCache
 
 from ..adapters import get_adapter
+from ..core import attachments
 from ..core.cache import TrackedCache
 from ..errors import ConfigError
 from .fuse import ProjectionFusion
 from .graphs import capture
 from .slots import SlotCache, SlotLayer, register_slot_attention, set_layer_bias, slot_contents
-
-_KV_ENGINE_ATTR = "_mllm_eff_kv_engine"
 
 
 class FastDecoder:
@@ -118,7 +117,7 @@ class FastDecoder:
         return torch.full((B, 1), L, dtype=torch.long, device=device)
 
     def _check_no_decode_eviction(self) -> None:
-        engine = getattr(self.adapter.text_model, _KV_ENGINE_ATTR, None)
+        engine = attachments.kv_engine(self.adapter)
         policy = getattr(engine, "policy", None)
         if policy is not None and policy.config.decode != "none":
             raise NotImplementedError(

@@ -1,12 +1,9 @@
 """What the fast path can run, and the stats objects a captured prefill must restore after each replay.
 
-The attached methods are found through their engines' public module constants (no attribute-name strings
-of other packages here)."""
+The attached methods are found through `core.attachments` (no attribute-name strings here)."""
 from __future__ import annotations
 
-from ..kv import engine as kv_engine
-from ..memory import engine as memory_engine
-from ..pruning import engine as pruning_engine
+from ..core.attachments import kv_engine, memory_engine, pruning_engine
 
 
 def unsupported_reason(model, adapter, lm_head) -> str | None:
@@ -18,10 +15,9 @@ def unsupported_reason(model, adapter, lm_head) -> str | None:
         return f"sliding-window layers {adapter.sliding_window_layers()} (the slot decoder attends every slot)"
     if getattr(adapter.text_config, "final_logit_softcapping", None):
         return "final logit soft-capping (applied outside the LM head)"
-    text = adapter.text_model
-    if getattr(text, memory_engine._ENGINE_ATTR, None) is not None:
+    if memory_engine(adapter) is not None:
         return "a long-context memory method (it runs its own chunked prefill and block retrieval)"
-    kv = getattr(text, kv_engine._ENGINE_ATTR, None)
+    kv = kv_engine(adapter)
     policy = getattr(kv, "policy", None)
     if policy is not None and policy.config.decode != "none":
         return f"{policy.name} with decode={policy.config.decode!r} evicts during decoding"
@@ -32,7 +28,7 @@ def capture_blocker(adapter) -> str | None:
     """Why the prefill of this model's methods must run eagerly (None: it may be captured as a graph): token
     pruning steps that decide on the host from the hidden states (which the graph cache's key does not
     determine) declare `graph_capture = False` or do not declare it."""
-    engine = getattr(adapter.text_model, pruning_engine._ENGINE_ATTR, None)
+    engine = pruning_engine(adapter)
     for step in getattr(engine, "steps", ()):
         if not getattr(step, "graph_capture", False):
             name = getattr(step, "method_name", type(step).__name__)
@@ -42,14 +38,13 @@ def capture_blocker(adapter) -> str | None:
 
 def method_stats(adapter) -> list:
     """The stats objects of the attached pruning steps and KV policy."""
-    text = adapter.text_model
     out = []
-    engine = getattr(text, pruning_engine._ENGINE_ATTR, None)
+    engine = pruning_engine(adapter)
     for step in getattr(engine, "steps", ()):
         stats = getattr(step, "stats", None)
         if stats is not None and stats not in out:
             out.append(stats)
-    kv = getattr(text, kv_engine._ENGINE_ATTR, None)
+    kv = kv_engine(adapter)
     policy = getattr(kv, "policy", None)
     if policy is not None and getattr(policy, "stats", None) is not None:
         out.append(policy.stats)

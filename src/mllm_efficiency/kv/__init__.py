@@ -4,6 +4,7 @@ Importing this package registers the methods: streamingllm, h2o, snapkv, pyramid
 vlcache, lookm.
 """
 from . import adakv, h2o, l2norm, lookm, pyramidkv, randomkv, snapkv, streamingllm, vlcache  # noqa: F401
-from .base import KVConfig, KVStats, kept_positions
+from .base import KVConfig, KVStats, LayerInput, Policy, Selection, kept_positions
+from .method import kv_method
 
-__all__ = ["KVConfig", "KVStats", "kept_positions"]
+__all__ = ["KVConfig", "KVStats", "LayerInput", "Policy", "Selection", "kept_positions", "kv_method"]

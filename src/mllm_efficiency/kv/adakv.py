@@ -19,11 +19,11 @@ import math
 
 import torch
 
-from ..config import check_choice
+from ..config import check_choice, check_fraction
 from ..errors import ConfigError
-from ..registry import register_method
-from .base import AttachedKV, LayerInput, Policy, Selection, check_fraction
+from .base import LayerInput, Policy, Selection
 from .merge import merge_fn
+from .method import kv_method
 from .pyramidkv import PyramidKVConfig, layer_keep
 from .snapkv import snap_scores
 
@@ -87,7 +87,14 @@ def original_head_counts(score: torch.Tensor, candidate: torch.Tensor, budgets: 
     return out
 
 
+@kv_method("adakv", config=AdaKVConfig,
+           summary="Ada-KV: SnapKV/PyramidKV scores with budgets shared across KV heads (ragged heads)")
 class AdaKVPolicy(Policy):
+    def check_model(self, adapter) -> None:
+        if "flash" in (adapter.text_config._attn_implementation or ""):
+            raise ConfigError("adakv stores a different number of slots per KV head, which needs a per-head mask: "
+                              "use attn_implementation 'sdpa' or 'eager' (flash attention takes key-padding masks only)")
+
     def select(self, inp: LayerInput) -> Selection:
         cfg = self.config
         score, window, w = snap_scores(inp, cfg, self.name)
@@ -97,12 +104,3 @@ class AdaKVPolicy(Policy):
         counts = rule(score, candidate, [k - wb for k, wb in zip(keep, w)], cfg.alpha)
         per_head = [[c + wb for c in row] for row, wb in zip(counts, w)]
         return Selection(score, candidate, window[:, None], per_head, merge=merge_fn(cfg.merge))
-
-
-@register_method("adakv", family="kv", config_cls=AdaKVConfig,
-                 summary="Ada-KV: SnapKV/PyramidKV scores with budgets shared across KV heads (ragged heads)")
-def attach_adakv(model, adapter, config: AdaKVConfig) -> AttachedKV:
-    if "flash" in (adapter.text_config._attn_implementation or ""):
-        raise ConfigError("adakv stores a different number of slots per KV head, which needs a per-head mask: "
-                          "use attn_implementation 'sdpa' or 'eager' (flash attention takes key-padding masks only)")
-    return AttachedKV(model, adapter, AdaKVPolicy("adakv", config))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..config import MethodConfig, check_choice, check_int, check_ratio
+from ..config import MethodConfig, check_bool, check_choice, check_int, check_ratio
 from ..errors import ConfigError
 from . import primitives as P
 from ..core.device import device_ints
@@ -65,7 +65,7 @@ class KVConfig(MethodConfig):
         return DEFAULT_RATIO if self.ratio is None else float(self.ratio)
 
     def keep(self, length: int) -> int:
-        return P.keep_count(length, self.removed, self.budget_tokens)
+        return P.prompt_keep_count(length, self.removed, self.budget_tokens)
 
     def kept_fraction(self, length: int) -> float:
         """(1 - ratio), or budget_tokens / L for absolute budgets (capped at 1)."""
@@ -80,29 +80,13 @@ class KVConfig(MethodConfig):
         return f"removing {r:.0%} of prompt KV (keeping {1 - r:.0%})"
 
 
-def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = (v > low if low_open else v >= low) and v <= high
-    if not ok:
-        lo = "(" if low_open else "["
-        raise ConfigError(f"{name} must be in {lo}{low}, {high}], got {value!r}")
-
-
-def check_flag(name: str, value: Any) -> None:
-    """A real bool (1, 0, "yes" and None are refused)."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be True or False, got {value!r}")
-
-
 MERGE_CHOICES = ("none", "pivot", "average")
 
 
 def check_parity_options(cfg) -> None:
     """`merge` and `head_adaptive` of the scored KV methods (EffiVLM-Bench's options of the same names)."""
     check_choice("merge", cfg.merge, MERGE_CHOICES)
-    check_flag("head_adaptive", cfg.head_adaptive)
+    check_bool("head_adaptive", cfg.head_adaptive)
 
 
 def check_pooling(pooling: str, kernel: int, group_reduce: str) -> None:
@@ -203,31 +187,15 @@ class Policy:
         """Layer-wise post pass: {layer: (LayerInput, record)} -> {layer: Selection}."""
         return {}
 
+    def check_model(self, adapter) -> None:
+        """Refuse a model this policy cannot run on (called before anything is attached)."""
+
     def decode_update(self, layer, query, key, mask, scaling, attn_kw) -> None:
         """Called for every continuation forward of a layer with a decode budget (e.g. accumulate scores)."""
 
     def decode_scores(self, layer, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(score, protected) over the layer's stored slots, shapes broadcastable to (B, Hkv, S)."""
         raise NotImplementedError
-
-
-class AttachedKV:
-    """The object behind the handle: a policy on the model's KV engine."""
-
-    def __init__(self, model, adapter, policy: Policy):
-        from .engine import KVEngine
-
-        if adapter.sliding_window_layers():
-            raise NotImplementedError(f"{policy.name}: models with sliding-window layers are not supported")
-        self.policy = policy
-        self.engine = KVEngine.attach(model, adapter, policy)
-
-    @property
-    def stats(self) -> KVStats:
-        return self.policy.stats
-
-    def remove(self) -> None:
-        self.engine.detach(self.policy)
 
 
 def kept_positions(cache, layer: int, batch: int = 0, head: int = 0) -> list[int]:

@@ -20,6 +20,7 @@ import time
 import torch
 from torch import nn
 
+from ..core import attachments
 from ..core.attention import AttentionHub
 from ..core.cache import TrackedCache, TrackedLayer
 from ..core.context import ModelContext
@@ -28,7 +29,6 @@ from . import primitives as P
 from .base import LayerInput, Policy, Selection
 from ..core.device import device_ints
 
-_ENGINE_ATTR = "_mllm_eff_kv_engine"
 
 
 @dataclasses.dataclass
@@ -56,8 +56,8 @@ class KVEngine:
         self.policy: Policy | None = None
         self.req = None
         self._ctx = ModelContext.acquire(adapter)
-        self._hub = AttentionHub.acquire(adapter)
-        self._hub.add_callback(self._on_attention)
+        self.hub = AttentionHub.acquire(adapter)
+        self.hub.add_callback(self._on_attention)
         text = adapter.text_model
         self._handles = [text.register_forward_pre_hook(self._on_text_model, with_kwargs=True),
                          text.register_forward_hook(self._after_text_model, with_kwargs=True)]
@@ -65,13 +65,13 @@ class KVEngine:
     # ----------------------------------------------------------------- lifecycle
     @classmethod
     def attach(cls, model: nn.Module, adapter, policy: Policy) -> "KVEngine":
-        engine = getattr(adapter.text_model, _ENGINE_ATTR, None)
+        engine = attachments.kv_engine(adapter)
         if engine is not None:
             raise ConfigError(f"{policy.name}: KV method {engine.policy.name!r} is already attached to this model; "
                               "remove it first (one KV compression method per model)")
         engine = cls(model, adapter)
         engine.policy = policy
-        setattr(adapter.text_model, _ENGINE_ATTR, engine)
+        attachments.attach(adapter.text_model, attachments.KV_ENGINE, engine)
         return engine
 
     def detach(self, policy: Policy) -> None:
@@ -81,10 +81,10 @@ class KVEngine:
         self.req = None
         for h in self._handles:
             h.remove()
-        self._hub.remove_callback(self._on_attention)
-        self._hub.release()
+        self.hub.remove_callback(self._on_attention)
+        self.hub.release()
         self._ctx.release()
-        delattr(self.adapter.text_model, _ENGINE_ATTR)
+        attachments.detach(self.adapter.text_model, attachments.KV_ENGINE, self)
 
     # ----------------------------------------------------------------- text model
     def _on_text_model(self, module, args, kwargs):

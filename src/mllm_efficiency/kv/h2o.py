@@ -9,22 +9,20 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
 import torch.nn.functional as F
 
-from ..config import check_choice
-from ..registry import register_method
+from ..config import check_choice, check_fraction
+from ..core import attention_rows as R
 from . import primitives as P
 from .base import (
-    AttachedKV,
     KVConfig,
     LayerInput,
     Policy,
     Selection,
-    check_fraction,
     check_parity_options,
 )
 from .merge import merge_fn
+from .method import kv_method
 from ..core.device import device_ints
 
 
@@ -44,10 +42,12 @@ class H2OConfig(KVConfig):
         check_parity_options(self)
 
 
+@kv_method("h2o", config=H2OConfig,
+           summary="H2O: heavy hitters by accumulated attention + recent window (decode='accumulate')")
 class H2OPolicy(Policy):
     def select(self, inp: LayerInput) -> Selection:
         cfg = self.config
-        score = P.column_sums(inp.query, inp.key, inp.mask, inp.scaling, row_ok=inp.real, group=cfg.group_reduce,
+        score = R.column_sums(inp.query, inp.key, inp.mask, inp.scaling, row_ok=inp.real, group=cfg.group_reduce,
                               **inp.attn_kw)
         if not cfg.head_adaptive:
             score = score.mean(1, keepdim=True)
@@ -59,7 +59,7 @@ class H2OPolicy(Policy):
     def decode_update(self, layer, query, key, mask, scaling, attn_kw) -> None:
         if self.config.decode != "accumulate" or layer.score is None:
             return
-        new = P.column_sums(query, key, mask, scaling, group=self.config.group_reduce, **attn_kw)
+        new = R.column_sums(query, key, mask, scaling, group=self.config.group_reduce, **attn_kw)
         if not self.config.head_adaptive:
             new = new.mean(1, keepdim=True)
         old = layer.score
@@ -69,9 +69,3 @@ class H2OPolicy(Policy):
         recent = [math.floor(b * self.config.recent_fraction) for b in layer.budget]
         score = layer.score
         return score, P.last_real(real, device_ints(recent, real.device))
-
-
-@register_method("h2o", family="kv", config_cls=H2OConfig,
-                 summary="H2O: heavy hitters by accumulated attention + recent window (decode='accumulate')")
-def attach_h2o(model, adapter, config: H2OConfig) -> AttachedKV:
-    return AttachedKV(model, adapter, H2OPolicy("h2o", config))

@@ -8,9 +8,9 @@ import dataclasses
 
 from ..config import check_int, check_layer_indices
 from ..errors import ConfigError
-from ..registry import register_method
 from . import primitives as P
-from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection
+from .base import KVConfig, LayerInput, Policy, Selection
+from .method import kv_method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,12 @@ class L2NormConfig(KVConfig):
         check_int("window", self.window, 0)
 
 
+@kv_method("l2norm", config=L2NormConfig,
+           summary="L2Norm/Knorm: keep the tokens with the smallest key norm (no attention needed)")
 class L2NormPolicy(Policy):
+    def check_model(self, adapter) -> None:
+        check_layer_indices("skip_layers", self.config.skip_layers, adapter.num_layers)
+
     def select(self, inp: LayerInput) -> Selection | None:
         cfg = self.config
         if inp.layer in cfg.skip_layers:
@@ -35,10 +40,3 @@ class L2NormPolicy(Policy):
         window = inp.window_mask([P.window_size(cfg.window, k, self.name) for k in inp.keep])
         score = -inp.key.float().norm(dim=-1)  # (B, Hkv, S): smallest norm first
         return Selection(score, (inp.real & ~window)[:, None], window[:, None], inp.keep)
-
-
-@register_method("l2norm", family="kv", config_cls=L2NormConfig,
-                 summary="L2Norm/Knorm: keep the tokens with the smallest key norm (no attention needed)")
-def attach_l2norm(model, adapter, config: L2NormConfig) -> AttachedKV:
-    check_layer_indices("skip_layers", config.skip_layers, adapter.num_layers)
-    return AttachedKV(model, adapter, L2NormPolicy("l2norm", config))

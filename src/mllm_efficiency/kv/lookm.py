@@ -18,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..config import check_choice
+from ..config import check_choice, check_fraction
 from ..errors import ConfigError
-from ..registry import register_method
-from . import primitives as P
-from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection, check_fraction
+from ..core import attention_rows as R
+from .base import KVConfig, LayerInput, Policy, Selection
 from .merge import merge_fn
+from .method import kv_method
 
 DEFAULT_RECENT_FRACTION = 0.1
 
@@ -75,12 +75,14 @@ class LookMConfig(KVConfig):
         return f"keeping {self.hh_ratio:.0%} heavy hitters + {self.recent_ratio:.0%} recent prompt tokens"
 
 
+@kv_method("lookm", config=LookMConfig,
+           summary="LOOK-M: text-prior eviction by accumulated attention, evicted KV merged into kept KV")
 class LookMPolicy(Policy):
     needs_visual = True
 
     def select(self, inp: LayerInput) -> Selection:
         cfg = self.config
-        score = P.column_sums(inp.query, inp.key, inp.mask, inp.scaling, row_ok=inp.real, group=cfg.group_reduce,
+        score = R.column_sums(inp.query, inp.key, inp.mask, inp.scaling, row_ok=inp.real, group=cfg.group_reduce,
                               **inp.attn_kw).double()
         if cfg.text_prior and inp.visual is not None:
             # column sums are at most the number of rows, so this offset puts every text token first
@@ -94,9 +96,3 @@ class LookMPolicy(Policy):
         if how == "same_modality":
             how, same = "pivot", True
         return Selection(score, (inp.real & ~recent)[:, None], recent[:, None], inp.keep, merge=merge_fn(how, same))
-
-
-@register_method("lookm", family="kv", config_cls=LookMConfig,
-                 summary="LOOK-M: text-prior eviction by accumulated attention, evicted KV merged into kept KV")
-def attach_lookm(model, adapter, config: LookMConfig) -> AttachedKV:
-    return AttachedKV(model, adapter, LookMPolicy("lookm", config))

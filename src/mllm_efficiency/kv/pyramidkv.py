@@ -24,11 +24,11 @@ import dataclasses
 import math
 from fractions import Fraction
 
-from ..config import check_choice
+from ..config import check_choice, check_fraction
 from ..errors import ConfigError
-from ..registry import register_method
-from .base import AttachedKV, LayerInput, Policy, Selection, check_fraction
+from .base import LayerInput, Policy, Selection
 from .merge import merge_fn
+from .method import kv_method
 from .snapkv import SnapKVConfig, snap_scores
 
 SCHEDULES = ("exact", "kvcache_factory")
@@ -92,14 +92,10 @@ def layer_keep(inp: LayerInput, cfg: PyramidKVConfig, w: list[int]) -> list[int]
             for k, wb, n in zip(inp.keep, w, inp.lengths)]
 
 
+@kv_method("pyramidkv", config=PyramidKVConfig,
+           summary="PyramidKV: SnapKV scoring with budgets decreasing linearly over layers")
 class PyramidKVPolicy(Policy):
     def select(self, inp: LayerInput) -> Selection:
         score, window, w = snap_scores(inp, self.config, self.name)
         return Selection(score, (inp.real & ~window)[:, None], window[:, None], layer_keep(inp, self.config, w),
                          merge=merge_fn(self.config.merge))
-
-
-@register_method("pyramidkv", family="kv", config_cls=PyramidKVConfig,
-                 summary="PyramidKV: SnapKV scoring with budgets decreasing linearly over layers")
-def attach_pyramidkv(model, adapter, config: PyramidKVConfig) -> AttachedKV:
-    return AttachedKV(model, adapter, PyramidKVPolicy("pyramidkv", config))

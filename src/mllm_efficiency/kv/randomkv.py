@@ -7,9 +7,9 @@ import dataclasses
 import torch
 
 from ..config import check_int
-from ..registry import register_method
 from . import primitives as P
-from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection
+from .base import KVConfig, LayerInput, Policy, Selection
+from .method import kv_method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +23,8 @@ class RandomKVConfig(KVConfig):
         check_int("seed", self.seed)
 
 
+@kv_method("random", config=RandomKVConfig,
+           summary="Random: window + uniformly random earlier tokens per KV head (baseline)")
 class RandomKVPolicy(Policy):
     def select(self, inp: LayerInput) -> Selection:
         cfg = self.config
@@ -36,9 +38,3 @@ class RandomKVPolicy(Policy):
             score[b][:, slots] = torch.rand(Hkv, slots.numel(), generator=gen)
         score = score.to(inp.key.device)
         return Selection(score, (inp.real & ~window)[:, None], window[:, None], inp.keep)
-
-
-@register_method("random", family="kv", config_cls=RandomKVConfig,
-                 summary="Random: window + uniformly random earlier tokens per KV head (baseline)")
-def attach_random(model, adapter, config: RandomKVConfig) -> AttachedKV:
-    return AttachedKV(model, adapter, RandomKVPolicy("random", config))

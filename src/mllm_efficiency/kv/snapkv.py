@@ -11,10 +11,9 @@ import dataclasses
 import torch
 
 from ..config import check_int
-from ..registry import register_method
+from ..core import attention_rows as R
 from . import primitives as P
 from .base import (
-    AttachedKV,
     KVConfig,
     LayerInput,
     Policy,
@@ -23,6 +22,7 @@ from .base import (
     check_pooling,
 )
 from .merge import merge_fn
+from .method import kv_method
 from ..core.device import device_ints
 
 
@@ -51,7 +51,7 @@ def snap_scores(inp: LayerInput, cfg: SnapKVConfig, name: str) -> tuple[torch.Te
     obs = P.last_real(inp.real, device_ints([max(x, 1) for x in w], inp.real.device))
     W = max(max(w), 1)
     S = inp.key.shape[2]
-    score = P.window_scores(inp.query, inp.key, inp.mask, inp.scaling, obs[:, S - W:], cfg.group_reduce,
+    score = R.window_scores(inp.query, inp.key, inp.mask, inp.scaling, obs[:, S - W:], cfg.group_reduce,
                             **inp.attn_kw)
     if not getattr(cfg, "head_adaptive", True):
         score = score.mean(1, keepdim=True)
@@ -59,14 +59,10 @@ def snap_scores(inp: LayerInput, cfg: SnapKVConfig, name: str) -> tuple[torch.Te
     return P.pool(score, cfg.pooling, cfg.kernel_size), window, w
 
 
+@kv_method("snapkv", config=SnapKVConfig,
+           summary="SnapKV: keep the keys the last prompt window attends to most (pooled), per KV head")
 class SnapKVPolicy(Policy):
     def select(self, inp: LayerInput) -> Selection:
         score, window, _ = snap_scores(inp, self.config, self.name)
         return Selection(score, (inp.real & ~window)[:, None], window[:, None], inp.keep,
                          merge=merge_fn(self.config.merge))
-
-
-@register_method("snapkv", family="kv", config_cls=SnapKVConfig,
-                 summary="SnapKV: keep the keys the last prompt window attends to most (pooled), per KV head")
-def attach_snapkv(model, adapter, config: SnapKVConfig) -> AttachedKV:
-    return AttachedKV(model, adapter, SnapKVPolicy("snapkv", config))

@@ -8,9 +8,9 @@ import dataclasses
 import torch
 
 from ..config import check_int
-from ..registry import register_method
 from . import primitives as P
-from .base import AttachedKV, KVConfig, LayerInput, Policy, Selection
+from .base import KVConfig, LayerInput, Policy, Selection
+from .method import kv_method
 from ..core.device import device_ints
 
 
@@ -25,6 +25,8 @@ class StreamingLLMConfig(KVConfig):
         check_int("n_sink", self.n_sink, 0)
 
 
+@kv_method("streamingllm", config=StreamingLLMConfig,
+           summary="StreamingLLM: keep attention sinks + the most recent tokens (decode='window' evicts)")
 class StreamingLLMPolicy(Policy):
     def select(self, inp: LayerInput) -> Selection:
         sinks = [min(self.config.n_sink, k) for k in inp.keep]
@@ -42,9 +44,3 @@ class StreamingLLMPolicy(Policy):
         pos = pos.unsqueeze(1) if pos.dim() == 2 else pos
         sinks = device_ints([min(self.config.n_sink, b) for b in layer.budget], real.device)
         return pos.float(), P.first_real(real, sinks)
-
-
-@register_method("streamingllm", family="kv", config_cls=StreamingLLMConfig,
-                 summary="StreamingLLM: keep attention sinks + the most recent tokens (decode='window' evicts)")
-def attach_streamingllm(model, adapter, config: StreamingLLMConfig) -> AttachedKV:
-    return AttachedKV(model, adapter, StreamingLLMPolicy("streamingllm", config))

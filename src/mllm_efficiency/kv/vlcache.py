@@ -23,20 +23,18 @@ import math
 
 import torch
 
-from ..config import check_choice, check_int
-from ..registry import register_method
+from ..config import check_bool, check_choice, check_fraction, check_int
+from ..core import attention_rows as R
 from . import primitives as P
 from .base import (
-    AttachedKV,
     KVConfig,
     LayerInput,
     Policy,
     Selection,
-    check_flag,
-    check_fraction,
     check_parity_options,
 )
 from .merge import merge_fn
+from .method import kv_method
 
 SCORED_SHARE = 0.9  # of the kept budget; the rest is the recent window
 
@@ -61,7 +59,7 @@ class VLCacheConfig(KVConfig):
         check_fraction("min_fraction", self.min_fraction)
         check_int("fallback_rows", self.fallback_rows, 1)
         check_choice("layer_adaptive", self.layer_adaptive, (True, False))
-        check_flag("different_window_per_layer", self.different_window_per_layer)
+        check_bool("different_window_per_layer", self.different_window_per_layer)
         check_parity_options(self)
 
 
@@ -72,6 +70,8 @@ class _Record:
     visible: torch.Tensor  # (B,) visible entries
 
 
+@kv_method("vlcache", config=VLCacheConfig,
+           summary="VL-Cache: post-vision query scores with sparsity-adaptive layer budgets")
 class VLCachePolicy(Policy):
     needs_visual = True
     layer_wise_post_pass = True
@@ -101,17 +101,17 @@ class VLCachePolicy(Policy):
         sparse = torch.zeros(B, device=inp.key.device)
         visible = torch.zeros(B, device=inp.key.device)
         key = inp.key.float()
-        for start in range(first, Lq, P.ROW_CHUNK):
-            rows = torch.arange(start, min(start + P.ROW_CHUNK, Lq), device=key.device)
-            probs = P.attention_rows(inp.query, key, inp.mask, rows, inp.scaling, **inp.attn_kw)
+        for start in range(first, Lq, R.ROW_CHUNK):
+            rows = torch.arange(start, min(start + R.ROW_CHUNK, Lq), device=key.device)
+            probs = R.attention_rows(inp.query, key, inp.mask, rows, inp.scaling, **inp.attn_kw)
             w = rows_ok[:, rows]  # (B, r)
-            vis = P.row_bias(inp.mask, rows, Lq, S, (Hkv, H // Hkv), inp.key.device, inp.attn_kw.get("sliding_window"))
-            vis = (vis > float("-inf")) & w[:, None, None, :, None]
+            vis = R.mask_bias(inp.mask, rows, Lq, S, (Hkv, H // Hkv), inp.key.device, inp.attn_kw.get("sliding_window"))
+            vis = R.visible(vis) & w[:, None, None, :, None]
             small = probs < self.config.sparsity_threshold * probs.amax(-1, keepdim=True)
             sparse += (small & vis).flatten(1).sum(1)
             visible += vis.expand_as(probs).flatten(1).sum(1)
             score += (probs * w[:, None, None, :, None]).sum(3)
-        return _Record(P.group_reduce(score), sparse, visible)
+        return _Record(R.group_reduce(score), sparse, visible)
 
     def finish(self, records: dict) -> dict:
         cfg = self.config
@@ -155,9 +155,3 @@ class VLCachePolicy(Policy):
             window = math.floor(cfg.window_fraction * kept * L)
             k = max(1, min(L, window + math.floor(f * L)))
         return f, k, min(window, k)
-
-
-@register_method("vlcache", family="kv", config_cls=VLCacheConfig,
-                 summary="VL-Cache: post-vision query scores with sparsity-adaptive layer budgets")
-def attach_vlcache(model, adapter, config: VLCacheConfig) -> AttachedKV:
-    return AttachedKV(model, adapter, VLCachePolicy("vlcache", config))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 
 import torch
+from ..core import attachments
+from ..core.attachments import MEMORY_ENGINE
 from ..core.attention import register_attention, release_attention
 from ..errors import ConfigError
 from ..core.threads import ForwardGuard
@@ -22,11 +24,10 @@ from .unit import MemoryUnit, question_vector
 log = logging.getLogger("mllm_efficiency.memory")
 
 ATTN_NAME = "mllm_eff_block_memory"
-_ENGINE_ATTR = "_mllm_eff_memory_engine"
 
 
 def _memory_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    engine = getattr(module, _ENGINE_ATTR, None)
+    engine = attachments.attached(module, MEMORY_ENGINE)
     if engine is None:
         raise RuntimeError(f"attention implementation {ATTN_NAME!r} used on a module without a memory method "
                            "attached; call model.set_attn_implementation('sdpa')")
@@ -65,7 +66,7 @@ class MemoryEngine:
                                       f"({adapter.family}); supported: Llama, Mistral, Qwen2/2.5, LLaVA-NeXT/"
                                       "OneVision with a 1-D RoPE language model")
         text = adapter.text_model
-        if getattr(text, _ENGINE_ATTR, None) is not None:
+        if attachments.memory_engine(adapter) is not None:
             raise ConfigError(f"{method}: a memory method is already attached to this model; remove it first")
         modules = adapter.attention_modules()  # which methods may share the model: core.composition
         for m in modules:
@@ -89,14 +90,14 @@ class MemoryEngine:
         self._handles = ForwardGuard(model).install(*dict.fromkeys((model, text)))
         self._removed = False
         for m in modules:
-            m.__dict__[_ENGINE_ATTR] = self
+            m.__dict__[MEMORY_ENGINE] = self
             self._handles.append(m.q_proj.register_forward_hook(self._capture(m.layer_idx, "q")))
             self._handles.append(m.k_proj.register_forward_hook(self._capture(m.layer_idx, "k")))
         self._handles.append(text.register_forward_pre_hook(self._on_text_model, with_kwargs=True))
         register_attention(ATTN_NAME, _memory_attention)
         self._original_impl = tc._attn_implementation
         tc._attn_implementation = ATTN_NAME
-        setattr(text, _ENGINE_ATTR, self)
+        attachments.attach(text, MEMORY_ENGINE, self)
 
     # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
@@ -107,11 +108,10 @@ class MemoryEngine:
             h.remove()
         self._handles = []
         for m in self.adapter.attention_modules():
-            m.__dict__.pop(_ENGINE_ATTR, None)
+            m.__dict__.pop(MEMORY_ENGINE, None)
         self.adapter.text_config._attn_implementation = self._original_impl
         release_attention(ATTN_NAME)
-        if getattr(self.adapter.text_model, _ENGINE_ATTR, None) is self:
-            delattr(self.adapter.text_model, _ENGINE_ATTR)
+        attachments.detach(self.adapter.text_model, MEMORY_ENGINE, self)
         self.active = None
 
     def set_question(self, span: tuple[int, int] | None = None, vectors: dict | None = None) -> None:

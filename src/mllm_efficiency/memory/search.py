@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from ..adapters import get_adapter
+from ..core import attachments
 from ..errors import ConfigError
 
 log = logging.getLogger("mllm_efficiency.memory")
@@ -122,9 +123,7 @@ class GreedySearch:
 
     @property
     def engine(self):
-        from .engine import _ENGINE_ATTR
-
-        return getattr(self.adapter.text_model, _ENGINE_ATTR, None)
+        return attachments.memory_engine(self.adapter)
 
     def clear(self) -> None:
         """Drop the memory before an unrelated prompt."""

@@ -305,10 +305,3 @@ def question_vector(gq: torch.Tensor, score: torch.Tensor, repr_topk: int) -> to
     r = min(repr_topk, n)
     idx = score.topk(r, -1).indices
     return gq.float().gather(1, idx[..., None].expand(-1, -1, D)).mean(1).reshape(-1)
-
-
-def estimate_attention_bytes(cfg, num_heads: int) -> int:
-    """fp32 logits of one execution block: exc * (n_local + exc + globals) * H * 4 bytes."""
-    glob = cfg.n_init + (cfg.topk * cfg.block_size + cfg.block_size + cfg.exc_block_size
-                         if cfg.kind == "blocks" else 0)
-    return int(cfg.exc_block_size * (cfg.n_local + cfg.exc_block_size + glob) * num_heads * 4)

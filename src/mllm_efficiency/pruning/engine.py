@@ -19,11 +19,56 @@ import torch
 from torch import nn
 
 from ..core import masks as M
+from ..core import attachments
 from ..core.attention import AttentionHub
 from ..core.cache import TrackedCache
 from ..core.context import ModelContext
 
-_ENGINE_ATTR = "_mllm_eff_pruning_engine"
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What a step's `select` decides at the input of its layer."""
+
+    keep: torch.Tensor | None  # (B, Lcur) bool over the current slots: which stay (None: nothing changes here)
+    kept_visual: list[int]  # visual tokens alive per sample after this step
+    hidden: torch.Tensor | None = None  # a merging step's replacement for the hidden states (B, Lcur, D)
+
+
+class PruningStep:
+    """The contract of a step on the pruning engine (FastV, SimIgnore and the video methods implement it).
+
+    Attributes: `layer` (the step acts at the input of this decoder layer), `score_layer` (the layer whose
+    attention call hands q/k to `score`; None: no attention scores), `mode` ("inplace": kept slots are gathered,
+    the sequence gets shorter; "mask": dropped slots are hidden as keys), `positions` ("original" position ids,
+    or "renumber"d after the drops), `graph_capture` (the prefill may be captured as a CUDA graph: the step
+    decides on the device from counts the graph's key fixes), `method_name`.
+    """
+
+    layer: int
+    score_layer: int | None = None
+    mode: str = "inplace"
+    positions: str = "original"
+    graph_capture: bool = False
+    method_name: str = ""
+
+    def visual_positions(self, detected: torch.Tensor | None, B: int, L: int, device) -> torch.Tensor:
+        """(B, L) bool: the prompt's visual tokens as this step sees them (default: the adapter's detection)."""
+        return detected
+
+    def plan(self, visual: torch.Tensor, counts: list[int], real_lengths: list[int]) -> bool:
+        """Before a fresh prefill: whether this step acts on it (False: it is skipped)."""
+        raise NotImplementedError
+
+    def score(self, req, module, query, key, attention_mask, kwargs):
+        """At `score_layer`'s attention: scores for `select` (stored in `req.scores[self]`); None: nothing."""
+        return None
+
+    def select(self, req, hidden: torch.Tensor) -> StepResult:
+        raise NotImplementedError
+
+    def finish(self, req, cache_lengths) -> None:
+        """After the prefill: record statistics."""
 
 
 @dataclasses.dataclass
@@ -84,8 +129,8 @@ class PruningEngine:
         self.steps: list = []
         self.req: Request | None = None
         self._ctx = ModelContext.acquire(adapter)
-        self._hub = AttentionHub.acquire(adapter)
-        self._hub.add_callback(self._on_attention)
+        self.hub = AttentionHub.acquire(adapter)
+        self.hub.add_callback(self._on_attention)
         text = adapter.text_model
         self._handles = []
         self._handles.append(text.register_forward_pre_hook(self._on_text_model, with_kwargs=True))
@@ -97,10 +142,10 @@ class PruningEngine:
     # ----------------------------------------------------------------- lifecycle
     @classmethod
     def attach(cls, model: nn.Module, adapter, step) -> "PruningEngine":
-        engine = getattr(adapter.text_model, _ENGINE_ATTR, None)
+        engine = attachments.pruning_engine(adapter)
         if engine is None:
             engine = cls(model, adapter)
-            setattr(adapter.text_model, _ENGINE_ATTR, engine)
+            attachments.attach(adapter.text_model, attachments.PRUNING_ENGINE, engine)
         engine.steps.append(step)
         engine.steps.sort(key=lambda s: s.layer)
         return engine
@@ -111,10 +156,10 @@ class PruningEngine:
             return
         for h in self._handles:
             h.remove()
-        self._hub.remove_callback(self._on_attention)
-        self._hub.release()
+        self.hub.remove_callback(self._on_attention)
+        self.hub.release()
         self._ctx.release()
-        delattr(self.adapter.text_model, _ENGINE_ATTR)
+        attachments.detach(self.adapter.text_model, attachments.PRUNING_ENGINE, self)
 
     @property
     def inner_impl(self) -> str:
@@ -199,10 +244,10 @@ class PruningEngine:
         for step in req.active_steps:
             if step.layer != i:
                 continue
-            result = step.select(req, hidden)  # (B, Lcur) bool, visual tokens kept per sample
-            keep, kept_visual = result[0], result[1]
-            if len(result) > 2 and result[2] is not None:  # a merging step replaces the states it keeps
-                hidden = result[2]
+            result = step.select(req, hidden)
+            keep, kept_visual = result.keep, result.kept_visual
+            if result.hidden is not None:  # a merging step replaces the states it keeps
+                hidden = result.hidden
             if keep is None:
                 continue
             dropped_counts = [n - k for n, k in zip(req.visual_counts, kept_visual)]
@@ -249,7 +294,7 @@ class PruningEngine:
         return hidden.gather(1, local.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
     def _positions_mode(self, req: Request) -> str:
-        modes = {getattr(s.config, "positions", "original") for s in req.active_steps if s.mode == "inplace"}
+        modes = {s.positions for s in req.active_steps if s.mode == "inplace"}
         return "renumber" if "renumber" in modes else "original"
 
     def _set_pending(self, req: Request, from_layer: int) -> None:

@@ -16,9 +16,9 @@ from ..config import MethodConfig, check_choice, check_int, check_ratio
 from ..errors import ConfigError, NoVisualTokensError
 from ..registry import register_method
 from ..adapters.base import token_spans  # re-exported: benchmarks import it from here
-from ..flops import keep_count  # noqa: F401  (the one keep rule; re-exported)
-from .engine import PruningEngine, PruningStats, Request
-from .scoring import key_scores
+from ..flops import visual_keep_count
+from .engine import PruningEngine, PruningStats, PruningStep, Request, StepResult
+from ..core.attention_rows import key_scores
 from ..core.device import device_ints
 
 
@@ -95,12 +95,13 @@ class FastVStats(PruningStats):
     pruned_length: list[int] = dataclasses.field(default_factory=list)  # real (unpadded) tokens after pruning
 
 
-class FastVStep:
+class FastVStep(PruningStep):
     """One pruning step on the engine."""
 
     def __init__(self, config: FastVConfig):
         self.config = config
         self.mode = config.mode
+        self.positions = config.positions
         self.layer = config.k
         self.score_layer = config.k - 1 if config.scorer != "random" else None
         self.stats = FastVStats(scoring_layer=self.score_layer)
@@ -139,9 +140,9 @@ class FastVStep:
             raise NoVisualTokensError("no image or video tokens found in the prompt (pass allow_text_only=True "
                                       "to run such prompts unchanged)")
         if self.config.grouping == "per_span":
-            keep = [sum(keep_count(n, self.config.ratio) for _, n in token_spans(row)) for row in visual]
+            keep = [sum(visual_keep_count(n, self.config.ratio) for _, n in token_spans(row)) for row in visual]
         else:
-            keep = [keep_count(n, self.config.ratio) for n in counts]
+            keep = [visual_keep_count(n, self.config.ratio) for n in counts]
         self._keep = keep
         st = self.stats
         st.num_visual, st.keep_count, st.sequence_length = counts, keep, visual.shape[1]
@@ -159,7 +160,7 @@ class FastVStep:
         return key_scores(query, key, attention_mask, scaling, cfg.scorer, cfg.head_reduce, cfg.row_reduce,
                           row_start)
 
-    def select(self, req: Request, hidden: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
+    def select(self, req: Request, hidden: torch.Tensor) -> StepResult:
         """(B, Lcur) bool (True = keep; non-visual slots are always kept) and visual tokens kept per sample."""
         visual = req.visual.gather(1, req.kept) & req.valid
         if req.hidden_keys is not None:  # tokens an earlier mask-mode step already hid are gone
@@ -178,12 +179,12 @@ class FastVStep:
         # R is relative to the prompt's visual tokens (so simignore + fastv keep FastV's meaning); an earlier
         # step may already have removed more than that
         counts = list(req.visual_counts)
-        targets = [min(keep_count(n, self.config.ratio), c) for n, c in zip(req.prompt_visual_counts, counts)]
+        targets = [min(visual_keep_count(n, self.config.ratio), c) for n, c in zip(req.prompt_visual_counts, counts)]
         if self.config.grouping == "per_span":
             self._keep = [0] * B
             for b in range(B):
                 for start, n in token_spans(visual[b]):
-                    k = keep_count(n, self.config.ratio)
+                    k = visual_keep_count(n, self.config.ratio)
                     top = _stable_topk(score[b, start:start + n], k)
                     keep_vis[b, start + top] = True
                     self._keep[b] += k
@@ -204,7 +205,7 @@ class FastVStep:
             st.pruned_length = [n - (c - k) for n, c, k in zip(real, counts, self._keep)]
         else:
             st.pruned_length = real
-        return ~visual | keep_vis, list(self._keep)
+        return StepResult(~visual | keep_vis, list(self._keep))
 
     def finish(self, req: Request, cache_lengths: list[int] | None) -> None:
         self.stats.cache_lengths = cache_lengths

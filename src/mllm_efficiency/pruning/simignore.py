@@ -22,8 +22,8 @@ from ..errors import ConfigError, NoVisualTokensError
 from ..registry import register_method
 from ..core.context import ModelContext
 from ..core.device import device_ints
-from .engine import PruningEngine, PruningStats, Request
-from .fastv import keep_count
+from .engine import PruningEngine, PruningStats, PruningStep, Request, StepResult
+from ..flops import visual_keep_count
 
 TEXT_SOURCES = ("text_after_image", "prompt", "span", "explicit")
 
@@ -85,7 +85,7 @@ def _true_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.sort((~mask).to(torch.int8), stable=True).indices[:n]
 
 
-class SimIgnoreStep:
+class SimIgnoreStep(PruningStep):
     score_layer = None
 
     def __init__(self, config: SimIgnoreConfig, embed: torch.nn.Module):
@@ -126,7 +126,7 @@ class SimIgnoreStep:
     def _keep_of(self, n: int) -> int:
         if n == 0:
             return 0
-        return min(n, self.config.keep) if self.config.keep is not None else keep_count(n, self.config.ratio)
+        return min(n, self.config.keep) if self.config.keep is not None else visual_keep_count(n, self.config.ratio)
 
     def _text_mask(self, req: Request, b: int) -> torch.Tensor | None:
         cfg = self.config
@@ -187,7 +187,7 @@ class SimIgnoreStep:
         mask = torch.zeros(req.batch, req.length + 1, dtype=torch.bool, device=hidden.device)
         mask.scatter_(1, torch.where(req.valid, req.kept, req.length), kept_vis)
         st.kept_visual_mask = mask[:, :req.length]
-        return keep, list(self._keep)
+        return StepResult(keep, list(self._keep))
 
     def finish(self, req: Request, cache_lengths) -> None:
         self.stats.cache_lengths = cache_lengths

@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from ..config import MethodConfig, check_int, check_similarity
-from ..pruning.engine import PruningEngine
+from ..pruning.engine import PruningEngine, StepResult
 from ..registry import register_method
 from .common import DelegateStep, PromptLayout, current_visual
 
@@ -93,8 +93,8 @@ class AttachedAdapTiV:
         self.stats.dropped = drop.sum(1).tolist()
         kept = (visual & ~drop).sum(1).tolist()
         if not bool(drop.any()):
-            return None, kept
-        return ~drop, kept
+            return StepResult(None, kept)
+        return StepResult(~drop, kept)
 
     def step_finish(self, step, req, cache_lengths) -> None:
         self.stats.cache_lengths = cache_lengths

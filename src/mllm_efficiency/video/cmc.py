@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from ..config import MethodConfig, check_int, check_number
-from ..pruning.engine import PruningEngine
+from ..pruning.engine import PruningEngine, StepResult
 from ..registry import register_method
 from .common import DelegateStep, PromptLayout
 from .focus import SICLinear, Site
@@ -98,13 +98,13 @@ class AttachedCMC:
                     inner = getattr(parent, n)
                     setattr(parent, n, SICLinear(inner, site))
                     self._wrapped.append((parent, n, inner))
-        self.engine._hub.query_transforms.append(self._query_transform)
+        self.engine.hub.add_query_transform(self._query_transform)
         self._handle = adapter.text_model.register_forward_hook(self._after_text_model)
 
     def remove(self) -> None:
         for parent, name, inner in reversed(self._wrapped):
             setattr(parent, name, inner)
-        self.engine._hub.query_transforms.remove(self._query_transform)
+        self.engine.hub.remove_query_transform(self._query_transform)
         self._handle.remove()
         self.engine.detach(self.step)
         self.layout_source.remove()
@@ -142,7 +142,7 @@ class AttachedCMC:
         for s in self._sites:
             s.reset()
         self.sic_live = True
-        return None, list(req.visual_counts)
+        return StepResult(None, list(req.visual_counts))
 
     def prepare(self, x, layer, gemm):
         if self._rowmap is None or self._rowmap.shape[1] != x.shape[1]:

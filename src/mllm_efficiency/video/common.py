@@ -2,12 +2,11 @@
 and steps on the pruning engine that delegate to a method object."""
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..core.context import ModelContext
 from ..errors import NoVisualTokensError
+from ..pruning.engine import PruningStep
 from .layout import GridCapture, Layout, build_layout
 
 
@@ -65,18 +64,10 @@ def topk_keep(score: torch.Tensor, candidates: torch.Tensor, keep: list[int]) ->
     return out.scatter_(1, order, chosen)
 
 
-@dataclasses.dataclass(frozen=True)
-class _StepConfig:
-    positions: str = "original"
-
-
-class DelegateStep:
+class DelegateStep(PruningStep):
     """A step on the pruning engine at decoder layer `layer` whose decisions belong to `owner`:
     owner.step_plan(step, visual, counts), owner.step_score(step, req, module, q, k, mask, kwargs),
-    owner.step_select(step, req, hidden) -> (keep | None, kept counts), owner.step_finish(step, req)."""
-
-    mode = "inplace"
-    config = _StepConfig()
+    owner.step_select(step, req, hidden) -> StepResult, owner.step_finish(step, req, cache_lengths)."""
 
     def __init__(self, owner, layer: int, score_layer: int | None, tag=None):
         self.owner = owner

@@ -29,21 +29,22 @@ SIC (prefill only) wraps the linear layers at the GEMM inputs `q_proj` (shared b
   the first are decided one layer late without draining the GPU's queue. `whole_mlp` runs gate, up and down
   once on the gate/up point's unique rows; `min_dedup_rows` and `dedup_stages="until_dense"` skip points where a
   host sync costs more than it saves (Focus's GPU fast path combines the three, docs/video.md);
-- `sic_mode="off"`: SEC only (same as `sec_only=True`).
+- `sic_mode="off"`: SEC only (`sec_only=True` is its deprecated spelling).
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import warnings
 
 import torch
 from torch import nn
 
-from ..config import MethodConfig, check_choice, check_int, check_similarity, check_unit_fraction, is_number
+from ..config import (MethodConfig, check_bool, check_choice, check_int, check_similarity, check_unit_fraction,
+                      is_number)
 from ..errors import ConfigError
-from ..pruning.engine import PruningEngine
-from ..pruning import scoring
-from ..pruning.scoring import key_scores
+from ..pruning.engine import PruningEngine, StepResult
+from ..core.attention_rows import key_scores
 from ..registry import register_method
 from . import dedup_kernels as DK
 from . import similarity as S
@@ -63,7 +64,6 @@ class FocusConfig(MethodConfig):
     block_size: int | None = None  # S of the T x S x S block; None: 2 (emulate) / 1 (token_dedup)
     frame_block_size: int = 2  # T
     gemm_m_size: int = 1024  # unpruned tokens per M-tile; -1 = one tile
-    sec_only: bool = False
     sic_mode: str = "emulate"
     gemms: tuple = GEMMS
     mask_row_wrap: bool = False
@@ -120,9 +120,23 @@ class FocusConfig(MethodConfig):
         if self.fused_kernels and DK.triton is None:
             raise ConfigError("fused_kernels=True needs Triton (pip install triton); use None (auto) or False")
 
+    @classmethod
+    def from_kwargs(cls, method: str, **kwargs) -> "FocusConfig":
+        """`sec_only=True` is the deprecated spelling of `sic_mode="off"`."""
+        if "sec_only" in kwargs:
+            sec_only = kwargs.pop("sec_only")
+            check_bool("sec_only", sec_only)
+            warnings.warn(f'{method}: sec_only is deprecated; use sic_mode="off"', DeprecationWarning, stacklevel=3)
+            if sec_only:
+                if kwargs.get("sic_mode", "off") != "off":
+                    raise ConfigError(f"{method}: sec_only=True contradicts sic_mode={kwargs['sic_mode']!r}; "
+                                      'use sic_mode="off" alone')
+                kwargs["sic_mode"] = "off"
+        return super().from_kwargs(method, **kwargs)
+
     @property
     def sic_on(self) -> bool:
-        return not self.sec_only and self.sic_mode != "off"
+        return self.sic_mode != "off"
 
     @property
     def vector(self) -> int:
@@ -316,7 +330,7 @@ class AttachedFocus:
         if config.sic_on:
             self._wrap_linears()
             if "query" in config.active_gemms:
-                self.engine._hub.query_transforms.append(self._query_transform)
+                self.engine.hub.add_query_transform(self._query_transform)
 
     # ----------------------------------------------------------------- wrapping
     def _wrap_linears(self) -> None:
@@ -350,8 +364,7 @@ class AttachedFocus:
         for parent, name, inner in reversed(self._wrapped):
             setattr(parent, name, inner)
         self._wrapped.clear()
-        if self._query_transform in self.engine._hub.query_transforms:
-            self.engine._hub.query_transforms.remove(self._query_transform)
+        self.engine.hub.remove_query_transform(self._query_transform)
         for h in self._handles:
             h.remove()
         for step in self.steps:
@@ -489,7 +502,7 @@ class AttachedFocus:
 
     def step_select(self, step, req, hidden):
         if step.tag is None:
-            return None, list(req.visual_counts)
+            return StepResult(None, list(req.visual_counts))
         keep_vis = req.scores.pop(step, None)
         if keep_vis is None:
             raise RuntimeError(f"focus: no scores were recorded at layer {step.score_layer}")
@@ -507,8 +520,8 @@ class AttachedFocus:
             kept = grid[keep_vis[0]]
             self.trace.kept[step.score_layer] = torch.sort(kept).values.to(torch.int32).cpu()
         if all(k == n for k, n in zip(counts, before)):
-            return None, counts
-        return ~visual | keep_vis, counts
+            return StepResult(None, counts)
+        return StepResult(~visual | keep_vis, counts)
 
     # ----------------------------------------------------------------- the selected layers' MLPs (mid_layer)
     def _mlp_in(self, layer: int):
@@ -908,23 +921,7 @@ def text_row_max_scores(query, key, attention_mask, scaling: float, row_start: t
                         first: int) -> torch.Tensor:
     """`key_scores(..., "text_rows", "max", "max", row_start)` with its first row `first` (= min(row_start))
     given by the caller, so no device-to-host transfer: the same chunks, the same arithmetic, bit-identical."""
-    B, H, Lq, D = query.shape
-    Hkv, Lk = key.shape[1], key.shape[2]
-    G = H // Hkv
-    device = query.device
-    kf = key.float().transpose(-1, -2)
-    best = torch.full((B, Lk), float("-inf"), device=device)
-    for start in range(first, Lq, scoring.ROW_CHUNK):
-        rows = torch.arange(start, min(start + scoring.ROW_CHUNK, Lq), device=device)
-        r = rows.shape[0]
-        q = query[:, :, rows, :].float().reshape(B, Hkv, G * r, D)
-        logits = (torch.matmul(q, kf) * scaling).view(B, Hkv, G, r, Lk)
-        bias = scoring._row_bias(attention_mask, rows, Lq, Lk, B, device)  # (B, 1, r, Lk)
-        probs = torch.softmax(logits + bias[:, :, None], dim=-1)
-        probs = torch.nan_to_num(probs, nan=0.0).reshape(B, H, r, Lk).amax(1)  # max over heads
-        visible = (bias[:, 0] > float("-inf")) & (rows[None, :, None] >= row_start[:, None, None])
-        best = torch.maximum(best, probs.masked_fill(~visible, float("-inf")).amax(1))
-    return best.clamp_min(0.0)
+    return key_scores(query, key, attention_mask, scaling, "text_rows", "max", "max", row_start, first=first)
 
 
 @register_method("focus", family="video", config_cls=FocusConfig,

@@ -15,8 +15,8 @@ import torch
 
 from ..config import MethodConfig, check_int, check_similarity, check_unit_fraction
 from ..errors import ConfigError
-from ..pruning.engine import PruningEngine
-from ..pruning.scoring import key_scores
+from ..pruning.engine import PruningEngine, StepResult
+from ..core.attention_rows import key_scores
 from ..registry import register_method
 from .common import DelegateStep, PromptLayout, current_visual, topk_keep
 
@@ -93,9 +93,6 @@ class AttachedFrameFusion:
             self.stats.prune_ratio = 0.0
         return bool(sum(counts))
 
-    def _needs_scores(self) -> bool:
-        return not self.merging and not self.done
-
     def step_score(self, step, req, module, query, key, attention_mask, kwargs):
         # the pruning stage (if it comes at the next layer) uses this layer's last query row
         if self.done:
@@ -108,7 +105,7 @@ class AttachedFrameFusion:
         visual = current_visual(req)
         self.stats.visual_per_layer.append(int(visual[0].sum()))
         if self.done:
-            return None, list(req.visual_counts)
+            return StepResult(None, list(req.visual_counts))
         if self.merging:
             return self._merge(req, hidden, visual)
         # pruning stage, once
@@ -116,12 +113,12 @@ class AttachedFrameFusion:
         p = prune_ratio(self.history, self.T, self.config.cost)
         self.stats.prune_ratio, self.stats.prune_layer = p, step.layer
         if p <= 0 or scores is None:
-            return None, list(req.visual_counts)
+            return StepResult(None, list(req.visual_counts))
         counts = visual.sum(1).tolist()
         targets = [int(round(n * (1 - p))) for n in counts]
         keep = topk_keep(scores[:, -visual.shape[1]:], visual, targets)
         self.stats.visual_per_layer[-1] = targets[0]
-        return ~visual | keep, targets
+        return StepResult(~visual | keep, targets)
 
     def _merge(self, req, hidden, visual):
         cfg = self.config
@@ -161,7 +158,7 @@ class AttachedFrameFusion:
             if r0 < cfg.ratio_lower_bound:
                 self.merging = False
         if not bool(members.any()):
-            return None, list(req.visual_counts)
+            return StepResult(None, list(req.visual_counts))
         # unweighted mean of each run's head and its members, in fp32
         flat_heads = (heads + torch.arange(B, device=hidden.device)[:, None] * Lc).flatten()
         x = hidden.reshape(B * Lc, -1).float()
@@ -171,7 +168,7 @@ class AttachedFrameFusion:
         is_head = cnt.view(B, Lc) > 1
         new_hidden = torch.where(is_head[..., None], merged, hidden)
         kept = (~members).sum(1) - (~visual).sum(1)
-        return ~members, kept.tolist(), new_hidden
+        return StepResult(~members, kept.tolist(), new_hidden)
 
     @staticmethod
     def _adjacent_similarity(h, grid, visual, grids):

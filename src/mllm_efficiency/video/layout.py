@@ -26,14 +26,6 @@ class Grid:
     def size(self) -> int:
         return self.frames * self.height * self.width
 
-    @property
-    def frame_stride(self) -> int:
-        return self.height * self.width
-
-    @property
-    def height_stride(self) -> int:
-        return self.width
-
 
 @dataclasses.dataclass
 class Layout:

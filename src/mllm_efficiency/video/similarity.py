@@ -133,15 +133,6 @@ def group_mean(x: torch.Tensor, m: Matching, vector_size: int) -> torch.Tensor:
     return mean.to(x.dtype)
 
 
-# ----------------------------------------------------------------------------- token-level fast path
-def token_roots(x: torch.Tensor, frames: int, height: int, width: int, *, threshold: float, frame_block: int,
-                block: int, m_size: int = -1) -> torch.Tensor:
-    """Root grid index of every token under whole-token matching (vector = full width)."""
-    m = match_vectors(x, frames, height, width, vector_size=0, threshold=threshold, frame_block=frame_block,
-                      block=block, m_size=m_size)
-    return m.root[:, 0]
-
-
 @dataclasses.dataclass
 class RowNeighbours:
     """Candidate rows of every row of a flattened (B * L) GEMM input under one kept set: structure only (no

@@ -14,7 +14,7 @@ TINY_MODELS = ("tiny-onevision", "tiny-qwen2.5-vl")
 
 
 def build_model(name: str, num_layers: int = 4):
-    from ..testing import tiny
+    from .. import tiny
 
     if name == "tiny-onevision":
         return tiny.tiny_llava_onevision(num_layers=num_layers)
@@ -24,7 +24,7 @@ def build_model(name: str, num_layers: int = 4):
 
 
 def synthetic_sample(model_name: str, model, index: int, seed: int, frames: int = 8, noise: float = 0.3) -> dict:
-    from ..testing import tiny
+    from .. import tiny
 
     g = torch.Generator().manual_seed(seed * 100_003 + index)
     if model_name == "tiny-onevision":
@@ -38,7 +38,7 @@ def synthetic_sample(model_name: str, model, index: int, seed: int, frames: int 
 
 def qwen_video_prompt(frames: int = 4, h: int = 4, w: int = 4, generator=None, noise: float = 0.3) -> dict:
     """Qwen2-VL / 2.5-VL video prompt (batch 1): `frames` frames of h x w patches (temporal patch 2)."""
-    from ..testing.tiny import QWEN_VEND, QWEN_VIDEO, QWEN_VSTART
+    from ..tiny import QWEN_VEND, QWEN_VIDEO, QWEN_VSTART
 
     t = frames // 2
     n = t * h * w // 4
