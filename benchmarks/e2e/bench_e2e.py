@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--sections", nargs="+", default=["prefill", "e2e", "logits"])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="fast path with the decode step through torch.compile")
     p.add_argument("--out-dir", default=None)
     return p.parse_args(argv)
 
@@ -208,10 +209,11 @@ def main(argv=None) -> dict:
     model, tpi = build(args, device, dtype)
     result = {"command": "python3 " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
               "environment": environment_info(device), "preset": args.preset, "dtype": args.dtype,
-              "method": args.method, "method_kwargs": method_kwargs(args)}
+              "method": args.method, "method_kwargs": method_kwargs(args), "compile": args.compile}
     sections = {"prefill": prefill_section, "e2e": e2e_section, "logits": logits_section}
     for name in args.sections:
         release(model)
+        session_for(model, compile=args.compile)
         result[name] = sections[name](model, tpi, args, device, dtype)
         print(f"== {name}\n" + markdown_table(result[name], list(result[name][0].keys())), flush=True)
     result["seconds"] = time.time() - t0

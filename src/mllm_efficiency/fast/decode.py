@@ -27,28 +27,29 @@ from ..core.cache import TrackedCache
 from ..errors import ConfigError
 from .fuse import ProjectionFusion
 from .graphs import capture
-from .slots import SlotCache, SlotLayer, register_slot_attention, set_layer_bias, slot_contents
+from .slots import (ATTENTION_KINDS, SlotCache, SlotLayer, default_attention, register_slot_attention, set_layer_bias,
+                    slot_contents)
 
 
 class FastDecoder:
     def __init__(self, model, max_new_tokens: int, cuda_graph: bool = True, compile: bool = False,
-                 attention: str = "sdpa", fuse_projections: bool = True):
+                 attention: str | None = None, fuse_projections: bool = True):
         """`cuda_graph`: capture the step once and replay it (CUDA devices only). `compile`: run the step through
         `torch.compile` first (fuses the norms, RoPE and elementwise ops into fewer kernels; tens of seconds of
-        compilation per prefill shape). `attention`: 'sdpa' (torch SDPA grouped by KV head, the default) or
-        'matmul' (grouped matmuls, fp32 softmax).
+        compilation per prefill shape). `attention`: 'sdpa' (torch SDPA grouped by KV head), 'matmul' (grouped
+        matmuls, fp32 softmax) or 'sdpa-expand' (SDPA with enable_gqa); default `slots.default_attention`.
         `fuse_projections`: decode steps run each layer's q/k/v and gate/up projections as one GEMV each
         (`fast.fuse`; the parameters are views of the fused weights until `close()`)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if attention not in ("matmul", "sdpa"):
-            raise ConfigError(f"attention must be 'matmul' or 'sdpa', got {attention!r}")
-        self.attention = attention
+        if attention is not None and attention not in ATTENTION_KINDS:
+            raise ConfigError(f"attention must be one of {list(ATTENTION_KINDS)}, got {attention!r}")
         self.compile = compile
         self.fuse_projections = fuse_projections
         self._fusion: ProjectionFusion | None = None
         self.model = model
         self.adapter = get_adapter(model)
+        self.attention = attention or default_attention(self.adapter.text_config)
         self.max_new_tokens = max_new_tokens
         self.cuda_graph = cuda_graph
         self.lm_head = model.get_output_embeddings()

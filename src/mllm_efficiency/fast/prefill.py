@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from ..core.context import ModelContext
+from .decode import _compiled_step, _step_forward
 from .graphs import capture, side_stream
 from .slots import SlotCache, SlotLayer, register_slot_attention, set_layer_bias, slot_contents
 
@@ -161,10 +162,10 @@ class ShapePlan:
         set_layer_bias(adapter.attention_modules(), self.cache.layers)
         try:
             self.cache.logical_length = self.length  # informational: positions are explicit
+            forward = _compiled_step() if self.session.compile else _step_forward
             with self.session.fused():
-                out = adapter.text_model(input_ids=self.step_ids, position_ids=self.step_pos, use_cache=True,
-                                         **{adapter.cache_kwarg: self.cache})
-                logits = self.session.lm_head(out.last_hidden_state[:, -1])
+                logits = forward(adapter.text_model, self.session.lm_head, self.cache, self.step_ids, self.step_pos,
+                                 adapter.cache_kwarg)
         finally:
             text_config._attn_implementation = saved
             set_layer_bias(adapter.attention_modules(), None)

@@ -28,6 +28,7 @@ from ..adapters import get_adapter
 from transformers import DynamicCache
 from .fuse import ProjectionFusion
 from .prefill import ShapePlan
+from .slots import ATTENTION_KINDS, default_attention
 from .support import capture_blocker
 
 log = logging.getLogger("mllm_efficiency.fast")
@@ -58,16 +59,20 @@ def release(model) -> None:
 
 
 class FastSession:
-    def __init__(self, model, max_plans: int = 8, attention: str = "sdpa", fuse_projections: bool = True,
-                 cuda_graph: bool = True):
-        if attention not in ("matmul", "sdpa"):
-            raise ValueError(f"attention must be 'matmul' or 'sdpa', got {attention!r}")
+    def __init__(self, model, max_plans: int = 8, attention: str | None = None, fuse_projections: bool = True,
+                 cuda_graph: bool = True, compile: bool = False):
+        """`attention`: the decode step's slot attention ('sdpa', 'matmul', 'sdpa-expand'; default: the one
+        measured fastest for the model's head layout). `compile`: run the decode step through `torch.compile`
+        before its capture (fuses norms, RoPE and elementwise ops; tens of seconds once per decode shape)."""
+        if attention is not None and attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {list(ATTENTION_KINDS)}, got {attention!r}")
         if not isinstance(max_plans, int) or max_plans < 1:
             raise ValueError(f"max_plans must be an integer >= 1, got {max_plans!r}")
         self.model = model
         self.adapter = get_adapter(model)
         self.lm_head = model.get_output_embeddings()
-        self.attention = attention
+        self.attention = attention or default_attention(self.adapter.text_config)
+        self.compile = compile
         self.cuda_graph = cuda_graph
         self.max_plans = max_plans
         self.plans: "collections.OrderedDict" = collections.OrderedDict()

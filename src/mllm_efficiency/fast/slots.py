@@ -168,7 +168,30 @@ def slot_attention_sdpa(module, query, key, value, attention_mask, scaling=None,
     return out.reshape(B, H, q, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-_KERNELS = {"matmul": (SLOT_ATTENTION, slot_attention), "sdpa": (SLOT_ATTENTION_SDPA, slot_attention_sdpa)}
+def slot_attention_sdpa_expand(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA with `enable_gqa` and the bias repeated to the query heads (the variant to compare against)."""
+    bias = getattr(module, _BIAS_ATTR).unsqueeze(2).to(query.dtype)
+    H, Hkv = query.shape[1], key.shape[1]
+    if bias.shape[1] != 1 and H != Hkv:
+        bias = bias.repeat_interleave(H // Hkv, dim=1)
+    if scaling is None:
+        scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
+                                                           enable_gqa=H != Hkv)
+    return out.transpose(1, 2).contiguous(), None
+
+
+ATTENTION_KINDS = ("matmul", "sdpa", "sdpa-expand")
+_KERNELS = {"matmul": (SLOT_ATTENTION, slot_attention), "sdpa": (SLOT_ATTENTION_SDPA, slot_attention_sdpa),
+            "sdpa-expand": ("mllm_eff_slots_sdpa_expand", slot_attention_sdpa_expand)}
+
+
+def default_attention(text_config) -> str:
+    """The decode attention measured fastest (benchmarks/e2e): SDPA for multi-head attention, the grouped matmuls
+    for grouped-query attention (SDPA's masked kernels measured 6x the bandwidth limit there at 32k)."""
+    heads = text_config.num_attention_heads
+    kv = getattr(text_config, "num_key_value_heads", None) or heads
+    return "sdpa" if kv == heads else "matmul"
 
 
 def register_slot_attention(kind: str = "matmul") -> str:
