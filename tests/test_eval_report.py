@@ -140,3 +140,49 @@ def test_report_draws_plots(tmp_path):
     pngs = list(tmp_path.glob("report_*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot: {pngs[0]}" in text
+
+
+# ------------------------------------------------------------------------------------------------------ loyalty
+def write_samples(root: Path, method: str, ratio: float, stamp: str, answers: list[str], targets: list[str],
+                  task: str = "shapes_vqa") -> None:
+    """lmms-eval's --log_samples file beside the run's results (exact_match per sample)."""
+    path = root / f"{method}_{ratio:g}" / "shapes-vlm" / f"{stamp}_samples_{task}.jsonl"
+    rows = [{"doc_id": i, "target": t, "filtered_resps": a, "exact_match": float(a == t)}
+            for i, (a, t) in enumerate(zip(answers, targets))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_loyalty_against_vanilla_in_the_report(tmp_path):
+    targets = ["red", "2", "yes", "no"]
+    write_run(tmp_path, "vanilla", 0, "20261201_101010", 0.5, 300.0)
+    write_samples(tmp_path, "vanilla", 0, "20261201_101010", ["red", "3", "yes", "yes"], targets)
+    write_run(tmp_path, "fastv", 0.75, "20261201_111111", 0.5, 130.0)
+    # doc 0 same answer; doc 1 other wrong answer (score equal, answer not); doc 2 wrong now; doc 3 right now
+    write_samples(tmp_path, "fastv", 0.75, "20261201_111111", ["red", "4", "no", "no"], targets)
+    rows = {r["method"]: r for r in report.collect(tmp_path)}
+    assert rows["vanilla"]["loyalty"] == 1.0 and rows["vanilla"]["score_loyalty"] == 1.0
+    assert rows["fastv"]["loyalty"] == 0.25 and rows["fastv"]["score_loyalty"] == 0.5
+    assert rows["fastv"]["loyal_n"] == 4
+    text = report.table(list(rows.values()))
+    assert "loyalty" in text and "0.250" in text
+
+
+def test_loyalty_is_empty_without_a_vanilla_run_or_samples(tmp_path):
+    write_run(tmp_path, "fastv", 0.75, "20261201_111111", 0.5, 130.0)
+    write_samples(tmp_path, "fastv", 0.75, "20261201_111111", ["red"], ["red"])
+    write_run(tmp_path / "other", "vanilla", 0, "20261201_101010", 0.5, 300.0)  # no samples file
+    for r in report.collect(tmp_path):
+        assert r["loyalty"] is None and r["score_loyalty"] is None
+
+
+def test_sample_scores_of_lmms_eval_metric_shapes():
+    pope = {"pope_accuracy": {"question_id": "1", "score": 1.0, "prediction": "yes", "ground_truth": "yes"}}
+    assert report.sample_score(pope, ["pope_accuracy", "pope_f1_score"]) == 1.0
+    mme = {"mme_cognition_score": {"question_id": "a.png", "category": "code_reasoning", "score": 0.0}}
+    assert report.sample_score(mme, ["mme_perception_score", "mme_cognition_score"]) == 0.0
+    mmmu = {"mmmu_acc": {"id": "validation_Math_1", "answer": "B", "parsed_pred": ["B"]}}
+    assert report.sample_score(mmmu, ["mmmu_acc"]) == 1.0
+    mmbench = {"gpt_eval_score": {"index": 0, "answer": "A", "prediction": "yes"}}
+    assert report.sample_score(mmbench, ["gpt_eval_score"]) is None
+    a = {0: {"doc_id": 0, "filtered_resps": ["yes"], **pope}}
+    assert report.loyalty(a, a, ["pope_accuracy"]) == {"loyalty": 1.0, "score_loyalty": 1.0, "n": 1}

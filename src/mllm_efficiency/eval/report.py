@@ -8,6 +8,11 @@ by its trailing path components, so the report works from any directory and afte
 Bad runs never stop the report: an unreadable results file, a `"config": null`, a non-numeric ratio are skipped,
 an unreadable efficiency summary leaves that run's efficiency columns empty, and each is listed (`Collected.problems`).
 An existing report.md is replaced only with `force=True` (`mllm-eff report --force`).
+
+Loyalty (the seed benchmark's): with a vanilla run of the same task and model in the tree, each run's row gains the
+fraction of the documents both runs answered whose answer (lmms-eval's filtered response) equals the vanilla
+answer (`loyalty`) and whose per-sample score equals the vanilla score (`score_loyalty`), read from the
+`*_samples_<task>.jsonl` files lmms-eval writes beside the results with --log_samples (run_eval always passes it).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from ..bench.timing import markdown_table
 COLUMNS = [("task", "task"), ("model", "model"), ("method", "method"), ("ratio", "ratio removed"),
            ("kept", "kept fraction"), ("metric", "metric"), ("score", "score"), ("n", "samples"),
            ("prefill_ms", "prefill ms"), ("kept_tokens", "kept tokens"), ("kv_kib", "KV KiB"),
-           ("tflops", "prefill TFLOPs")]
+           ("tflops", "prefill TFLOPs"), ("loyalty", "loyalty"), ("score_loyalty", "score loyalty")]
 
 
 def _model_args(text: str) -> dict:
@@ -130,6 +135,7 @@ def collect_runs(results_dir: str | Path, only: set[Path] | None = None) -> Coll
             if not metrics:
                 continue
             metric, score = metrics[0]
+            samples = samples_path(path, task)
             task_n = n_samples.get(task)
             n = task_n.get("effective") if isinstance(task_n, dict) else None
             kv = _number(eff.get("mean_kv_bytes"))
@@ -137,11 +143,98 @@ def collect_runs(results_dir: str | Path, only: set[Path] | None = None) -> Coll
                    "method": _method_label(args), "ratio": ratio, "kept": 1 - ratio, "metric": metric,
                    "score": float(score), "n": n, "prefill_ms": _number(eff.get("mean_prefill_ms")),
                    "kept_tokens": _number(eff.get("mean_kept_tokens")), "kv_kib": kv / 1024 if kv else None,
-                   "tflops": _number(eff.get("mean_prefill_tflops")), "source": str(path)}
+                   "tflops": _number(eff.get("mean_prefill_tflops")), "loyalty": None, "score_loyalty": None,
+                   "loyal_n": None, "metrics": [m for m, _ in metrics], "source": str(path),
+                   "samples": str(samples) if samples else None}
             runs[(row["task"], row["model"], row["method"], row["ratio"])] = row
     rows = list(runs.values())
     rows.sort(key=lambda r: (r["task"], r["model"], r["method"], r["ratio"]))
+    add_loyalty(rows, problems)
     return Collected(rows, problems)
+
+
+# ---------------------------------------------------------------------------------------------------- loyalty
+def samples_path(results: Path, task: str) -> Path | None:
+    """lmms-eval's per-sample file of `task` beside a results file (`<stamp>_results.json` ->
+    `<stamp>_samples_<task>.jsonl`), if it was written (--log_samples)."""
+    name = results.name
+    if not name.endswith("_results.json"):
+        return None
+    path = results.with_name(f"{name[:-len('_results.json')]}_samples_{task}.jsonl")
+    return path if path.is_file() else None
+
+
+def _answer(sample: dict) -> str:
+    resp = sample.get("filtered_resps", sample.get("resps"))
+    while isinstance(resp, list) and resp:
+        resp = resp[0]
+    return str(resp if resp is not None else "").strip()
+
+
+def sample_score(sample: dict, metrics: list[str]):
+    """The per-sample score of lmms-eval's process_results output: the first of the task's `metrics` present in
+    the sample, as a number, or its "score" field (pope, mme, ocrbench, videomme), or whether MMMU's parsed
+    prediction is the answer; None when the sample carries no comparable score (e.g. mmbench's GPT-judged dicts)."""
+    for m in metrics:
+        if m not in sample:
+            continue
+        v = sample[m]
+        if isinstance(v, bool) or isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, dict):
+            if _number(v.get("score")) is not None:
+                return float(v["score"])
+            if "parsed_pred" in v and "answer" in v:
+                pred = v["parsed_pred"]
+                pred = pred[0] if isinstance(pred, list) and pred else pred
+                return float(str(pred).strip().lower() == str(v["answer"]).strip().lower())
+        return None
+    return None
+
+
+def read_samples(path: str | Path) -> dict[int, dict]:
+    """doc_id -> sample of an lmms-eval samples file (JSON lines; unreadable lines skipped)."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            s = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(s, dict) and "doc_id" in s:
+            out[int(s["doc_id"])] = s
+    return out
+
+
+def loyalty(run: str | Path | dict, vanilla: str | Path | dict, metrics: list[str]) -> dict:
+    """{"loyalty": fraction of shared documents with the vanilla answer, "score_loyalty": fraction with the vanilla
+    score (None when the task's samples carry no comparable score), "n": shared documents} of two samples files
+    (or their `read_samples` dicts)."""
+    a = run if isinstance(run, dict) else read_samples(run)
+    b = vanilla if isinstance(vanilla, dict) else read_samples(vanilla)
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        return {"loyalty": None, "score_loyalty": None, "n": 0}
+    same = sum(_answer(a[d]) == _answer(b[d]) for d in shared)
+    scores = [(sample_score(a[d], metrics), sample_score(b[d], metrics)) for d in shared]
+    comparable = [(x, y) for x, y in scores if x is not None and y is not None]
+    return {"loyalty": same / len(shared),
+            "score_loyalty": sum(x == y for x, y in comparable) / len(comparable) if comparable else None,
+            "n": len(shared)}
+
+
+def add_loyalty(rows: list[dict], problems: list[str]) -> None:
+    """Fill each row's loyalty against the vanilla row of its task and model (vanilla: against itself = 1.0)."""
+    vanilla = {(r["task"], r["model"]): r for r in rows if r["method"].split(" ")[0] == "vanilla" and r["samples"]}
+    for r in rows:
+        base = vanilla.get((r["task"], r["model"]))
+        if base is None or not r.get("samples"):
+            continue
+        try:
+            got = loyalty(r["samples"], base["samples"], r["metrics"])
+        except OSError as e:
+            problems.append(f"{r['samples']}: unreadable samples ({e}); loyalty left empty")
+            continue
+        r["loyalty"], r["score_loyalty"], r["loyal_n"] = got["loyalty"], got["score_loyalty"], got["n"]
 
 
 def table(rows: list[dict]) -> str:
