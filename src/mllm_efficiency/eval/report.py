@@ -241,6 +241,61 @@ def table(rows: list[dict]) -> str:
     return markdown_table(rows, COLUMNS, float_digits=3)
 
 
+def _fmt(v, digits: int = 3) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def grid_table(rows: list[dict]) -> str:
+    """One markdown table per model: a row per (method, ratio), a column per task; each cell "score (loyalty)".
+    Efficiency (mean prefill ms, TFLOPs, KV KiB) is the mean over the row's tasks."""
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        rs = [r for r in rows if r["model"] == model]
+        tasks = sorted({r["task"] for r in rs})
+        keys = sorted({(r["method"], r["ratio"]) for r in rs}, key=lambda k: (not k[0].startswith("vanilla"), k))
+        cell = {(r["method"], r["ratio"], r["task"]): r for r in rs}
+        head = ["method", "ratio"] + tasks + ["prefill ms", "TFLOPs", "KV KiB"]
+        lines = [f"model {model}: score (loyalty) per task", "", "| " + " | ".join(head) + " |",
+                 "|" + "---|" * len(head)]
+        for method, ratio in keys:
+            got = [cell.get((method, ratio, t)) for t in tasks]
+            cells = [("" if r is None else _fmt(r["score"]) + (f" ({_fmt(r['loyalty'], 2)})"
+                                                                if r.get("loyalty") is not None else ""))
+                     for r in got]
+            effs = []
+            for key in ("prefill_ms", "tflops", "kv_kib"):
+                vals = [r[key] for r in got if r is not None and r.get(key) is not None]
+                effs.append(_fmt(sum(vals) / len(vals), 4 if key == "tflops" else 1) if vals else "")
+            lines.append("| " + " | ".join([method, f"{ratio:g}", *cells, *effs]) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def pareto_front(points: list[dict], cost: str = "tflops", value: str = "score") -> list[dict]:
+    """The points no other point beats (lower or equal `cost` and higher `value`, or lower cost and equal value),
+    cheapest first; points without a cost are left out."""
+    pts = sorted((p for p in points if p.get(cost) is not None and p.get(value) is not None),
+                 key=lambda p: (p[cost], -p[value]))
+    front, best = [], None
+    for p in pts:
+        if best is None or p[value] > best:
+            front.append(p)
+            best = p[value]
+    return front
+
+
+def frontier_text(rows: list[dict]) -> str:
+    """Per task and model: the accuracy-vs-TFLOPs Pareto frontier as a list of (method, ratio, TFLOPs, score)."""
+    lines = []
+    for task, model in sorted({(r["task"], r["model"]) for r in rows}):
+        front = pareto_front([r for r in rows if r["task"] == task and r["model"] == model])
+        if front:
+            pts = ", ".join(f"{r['method']} @ {r['ratio']:g} ({r['tflops']:.4g} TFLOPs, {r['score']:.3f})"
+                            for r in front)
+            lines.append(f"- {task} / {model}: {pts}")
+    return ("accuracy-vs-TFLOPs Pareto frontier (cheapest first):\n" + "\n".join(lines)) if lines else ""
+
+
 PLOTS_MISSING = ("plots not drawn: matplotlib is not installed (it comes with the eval extra: "
                  "pip install -e \".[eval]\")")
 
@@ -274,12 +329,82 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
         axes[1].set(xlabel="mean prefill ms (measured)", ylabel=rs[0]["metric"])
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{task}_{model}")
+        safe = _safe(f"{task}_{model}")
         path = out_dir / f"report_{safe}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
+        written.append(_frontier_plot(plt, rs, task, model, out_dir / f"report_frontier_{safe}.png"))
+    for model in sorted({r["model"] for r in rows}):
+        written.append(_heatmap(plt, [r for r in rows if r["model"] == model], model,
+                                out_dir / f"report_heatmap_{_safe(model)}.png"))
     return written
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def _frontier_plot(plt, rows: list[dict], task: str, model: str, path: Path) -> Path:
+    """accuracy vs prefill TFLOPs and vs prefill ms: every run a point (one colour per method), the Pareto frontier
+    a dashed step line through its points (circled)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    methods = sorted({r["method"] for r in rows})
+    colours = plt.get_cmap("tab10")
+    for ax, cost, label in ((axes[0], "tflops", "mean prefill TFLOPs"), (axes[1], "prefill_ms", "mean prefill ms")):
+        for i, m in enumerate(methods):
+            pts = [r for r in rows if r["method"] == m and r.get(cost) is not None]
+            ax.scatter([r[cost] for r in pts], [r["score"] for r in pts], color=colours(i % 10), label=m, zorder=3)
+            for r in pts:
+                ax.annotate(f"{r['ratio']:g}", (r[cost], r["score"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        front = pareto_front(rows, cost)
+        if front:
+            ax.step([r[cost] for r in front], [r["score"] for r in front], where="post", linestyle="--",
+                    color="black", label="Pareto frontier", zorder=2)
+            ax.scatter([r[cost] for r in front], [r["score"] for r in front], s=120, facecolors="none",
+                       edgecolors="black", zorder=4)
+        ax.set(xlabel=label, ylabel=rows[0]["metric"])
+    axes[0].set_title(f"{task} / {model}: accuracy vs cost (labels: ratio removed)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _heatmap(plt, rows: list[dict], model: str, path: Path) -> Path:
+    """method x ratio (rows) by task (columns): score relative to the task's vanilla score (raw score when the task
+    has no vanilla run), the score printed in each cell."""
+    tasks = sorted({r["task"] for r in rows})
+    keys = sorted({(r["method"], r["ratio"]) for r in rows}, key=lambda k: (not k[0].startswith("vanilla"), k))
+    cell = {(r["method"], r["ratio"], r["task"]): r for r in rows}
+    base = {r["task"]: r["score"] for r in rows if r["method"].startswith("vanilla")}
+    grid = []
+    for m, ratio in keys:
+        line = []
+        for t in tasks:
+            r = cell.get((m, ratio, t))
+            if r is None:
+                line.append(float("nan"))
+            else:
+                line.append(r["score"] / base[t] if base.get(t) else r["score"])
+        grid.append(line)
+    fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 3, 0.45 * len(keys) + 2))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(keys)), [f"{m} @ {ratio:g}" for m, ratio in keys], fontsize=8)
+    for i, (m, ratio) in enumerate(keys):
+        for j, t in enumerate(tasks):
+            r = cell.get((m, ratio, t))
+            if r is not None:
+                ax.text(j, i, f"{r['score']:.2f}", ha="center", va="center", fontsize=7, color="white")
+    fig.colorbar(im, ax=ax, label="score / vanilla score")
+    ax.set_title(f"{model}: method x ratio x task")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 class ReportExists(FileExistsError):
@@ -305,7 +430,10 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None, wit
     if not got.rows:
         raise FileNotFoundError(f"no usable lmms-eval results (*results*.json) under {results_dir}"
                                 + (f"; problems:{skipped}" if skipped else ""))
-    text = table(got.rows)
+    text = table(got.rows) + "\n\n" + grid_table(got.rows)
+    front = frontier_text(got.rows)
+    if front:
+        text += "\n\n" + front
     if skipped:
         text += f"\n\nskipped or incomplete runs ({len(got.problems)}):{skipped}"
     out.mkdir(parents=True, exist_ok=True)
