@@ -235,3 +235,21 @@ def test_run_eval_sh_runs_an_lmms_eval_task_offline(tmp_path):
 def test_run_eval_sh_limit_20(task, tmp_path):
     res, samples, _ = run_eval(task, tmp_path, limit=20)
     _check_run(task, res, samples, 20)
+
+
+def test_run_eval_prepares_the_task_folder_and_video_home(tmp_path, monkeypatch):
+    from mllm_efficiency.eval.runner import EvalRun, lmms_args, prepare_tasks
+
+    monkeypatch.setenv("MLLM_EFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(lmms_tasks.DATA_ENV, raising=False)
+    run = EvalRun("videomme", "shapes-vlm", "fastv", 0.75, results_root=str(tmp_path / "res"))
+    include, folder, env = prepare_tasks(run)
+    assert include is None and sorted(p.name for p in Path(folder).glob("*.yaml")) == ["videomme.yaml"]
+    home = lmms_tasks.media_home()
+    assert env["HF_HOME"] == str(home) and len(list((home / "videomme" / "data").glob("*.mp4"))) == 24
+    assert env["HF_HUB_CACHE"] and env["HF_DATASETS_CACHE"]  # the other caches stay where they were
+    args = lmms_args(run, include, folder)
+    assert args[args.index("--tasks") + 1] == folder and "--log_samples" in args
+
+    monkeypatch.setenv(lmms_tasks.DATA_ENV, "hub")  # lmms-eval's task unchanged: the name goes through
+    assert prepare_tasks(run) == (None, None, {})
