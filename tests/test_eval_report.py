@@ -48,7 +48,9 @@ def test_build_report_writes_table_and_json(tmp_path):
     text = report.build_report(tmp_path / "res", tmp_path / "out")
     assert "| shapes_vqa |" in text
     assert json.loads((tmp_path / "out" / "report.json").read_text())[0]["method"] == "fastv"
-    assert (tmp_path / "out" / "report.md").read_text().count("| shapes_vqa |") == 2
+    md = (tmp_path / "out" / "report.md").read_text().splitlines()
+    assert sum(ln.startswith("| shapes_vqa |") for ln in md) == 2  # the run table's rows
+    assert any(ln.startswith("| method | ratio | shapes_vqa |") for ln in md)  # the method x ratio x task grid
 
 
 def test_build_report_errors_name_the_directory(tmp_path):
@@ -140,3 +142,90 @@ def test_report_draws_plots(tmp_path):
     pngs = list(tmp_path.glob("report_*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot: {pngs[0]}" in text
+
+
+# ------------------------------------------------------------------------------------------------------ loyalty
+def write_samples(root: Path, method: str, ratio: float, stamp: str, answers: list[str], targets: list[str],
+                  task: str = "shapes_vqa") -> None:
+    """lmms-eval's --log_samples file beside the run's results (exact_match per sample)."""
+    path = root / f"{method}_{ratio:g}" / "shapes-vlm" / f"{stamp}_samples_{task}.jsonl"
+    rows = [{"doc_id": i, "target": t, "filtered_resps": a, "exact_match": float(a == t)}
+            for i, (a, t) in enumerate(zip(answers, targets))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_loyalty_against_vanilla_in_the_report(tmp_path):
+    targets = ["red", "2", "yes", "no"]
+    write_run(tmp_path, "vanilla", 0, "20261201_101010", 0.5, 300.0)
+    write_samples(tmp_path, "vanilla", 0, "20261201_101010", ["red", "3", "yes", "yes"], targets)
+    write_run(tmp_path, "fastv", 0.75, "20261201_111111", 0.5, 130.0)
+    # doc 0 same answer; doc 1 other wrong answer (score equal, answer not); doc 2 wrong now; doc 3 right now
+    write_samples(tmp_path, "fastv", 0.75, "20261201_111111", ["red", "4", "no", "no"], targets)
+    rows = {r["method"]: r for r in report.collect(tmp_path)}
+    assert rows["vanilla"]["loyalty"] == 1.0 and rows["vanilla"]["score_loyalty"] == 1.0
+    assert rows["fastv"]["loyalty"] == 0.25 and rows["fastv"]["score_loyalty"] == 0.5
+    assert rows["fastv"]["loyal_n"] == 4
+    text = report.table(list(rows.values()))
+    assert "loyalty" in text and "0.250" in text
+
+
+def test_loyalty_is_empty_without_a_vanilla_run_or_samples(tmp_path):
+    write_run(tmp_path, "fastv", 0.75, "20261201_111111", 0.5, 130.0)
+    write_samples(tmp_path, "fastv", 0.75, "20261201_111111", ["red"], ["red"])
+    write_run(tmp_path / "other", "vanilla", 0, "20261201_101010", 0.5, 300.0)  # no samples file
+    for r in report.collect(tmp_path):
+        assert r["loyalty"] is None and r["score_loyalty"] is None
+
+
+def test_sample_scores_of_lmms_eval_metric_shapes():
+    pope = {"pope_accuracy": {"question_id": "1", "score": 1.0, "prediction": "yes", "ground_truth": "yes"}}
+    assert report.sample_score(pope, ["pope_accuracy", "pope_f1_score"]) == 1.0
+    mme = {"mme_cognition_score": {"question_id": "a.png", "category": "code_reasoning", "score": 0.0}}
+    assert report.sample_score(mme, ["mme_perception_score", "mme_cognition_score"]) == 0.0
+    mmmu = {"mmmu_acc": {"id": "validation_Math_1", "answer": "B", "parsed_pred": ["B"]}}
+    assert report.sample_score(mmmu, ["mmmu_acc"]) == 1.0
+    mmbench = {"gpt_eval_score": {"index": 0, "answer": "A", "prediction": "yes"}}
+    assert report.sample_score(mmbench, ["gpt_eval_score"]) is None
+    a = {0: {"doc_id": 0, "filtered_resps": ["yes"], **pope}}
+    assert report.loyalty(a, a, ["pope_accuracy"]) == {"loyalty": 1.0, "score_loyalty": 1.0, "n": 1}
+
+
+# ------------------------------------------------------------------------------- grid table, frontier, heat map
+def _row(task, method, ratio, score, tflops, loyalty=None):
+    return {"task": task, "model": "m", "method": method, "ratio": ratio, "kept": 1 - ratio, "metric": "acc",
+            "score": score, "n": 10, "prefill_ms": None if tflops is None else tflops * 1000, "kept_tokens": None, "kv_kib": 1.0,
+            "tflops": tflops, "loyalty": loyalty, "score_loyalty": loyalty}
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    pts = [_row("t", "vanilla", 0, 0.80, 1.0), _row("t", "fastv", 0.5, 0.78, 0.5), _row("t", "fastv", 0.75, 0.60, 0.3),
+           _row("t", "random", 0.5, 0.70, 0.5), _row("t", "random", 0.75, 0.65, 0.35), _row("t", "x", 0.9, 0.2, None)]
+    front = report.pareto_front(pts)
+    assert [(p["method"], p["ratio"]) for p in front] == [("fastv", 0.75), ("random", 0.75), ("fastv", 0.5),
+                                                          ("vanilla", 0)]
+    assert [(p["method"], p["ratio"]) for p in report.pareto_front(pts[:2] + [_row("t", "y", 0.5, 0.9, 0.5)])] == \
+        [("y", 0.5)]
+
+
+def test_grid_table_has_a_row_per_method_and_ratio_and_a_column_per_task():
+    rows = [_row(t, m, r, s, c, 1.0 if m == "vanilla" else 0.5)
+            for t in ("shapes_vqa", "pope") for m, r, s, c in (("vanilla", 0, 0.8, 1.0), ("fastv", 0.5, 0.7, 0.5),
+                                                                  ("fastv", 0.75, 0.6, 0.3))]
+    text = report.grid_table(rows)
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert lines[0].startswith("| method | ratio | pope | shapes_vqa |")
+    assert lines[1].startswith("| vanilla | 0 | 0.800 (1.00) | 0.800 (1.00) |")
+    assert [ln.split(" | ")[:2] for ln in lines[2:]] == [["| fastv", "0.5"], ["| fastv", "0.75"]]
+    front = report.frontier_text(rows)
+    assert "- pope / m: fastv @ 0.75 (0.3 TFLOPs, 0.600), fastv @ 0.5" in front
+
+
+def test_report_draws_heat_map_and_frontier(tmp_path):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path, "vanilla", 0, "20261201_101010", 0.8, 300.0)
+    write_run(tmp_path, "fastv", 0.5, "20261201_111111", 0.7, 150.0)
+    text = report.build_report(tmp_path)
+    for name in ("report_heatmap_shapes-vlm.png", "report_frontier_shapes_vqa_shapes-vlm.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG" and name in text

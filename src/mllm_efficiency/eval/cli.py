@@ -1,4 +1,5 @@
-"""`mllm-eff eval TASK MODEL METHOD RATIO [lmms-eval args]` and `mllm-eff report RESULTS_DIR`.
+"""`mllm-eff eval TASK MODEL METHOD RATIO [lmms-eval args]`, `mllm-eff report RESULTS_DIR`,
+`mllm-eff sweep TASKS MODEL METHODS RATIOS` and `mllm-eff tasks`.
 
 Pass-through: the positionals come first; from the first option `eval` does not know (`--seed 1`,
 `--gen_kwargs=...`) every token that is not one of eval's own options goes to lmms-eval unchanged
@@ -51,6 +52,34 @@ def add_commands(sub) -> None:
     rep.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     rep.add_argument("--force", action="store_true", help="replace an existing report.md")
     rep.set_defaults(run=cmd_report)
+
+    sw = sub.add_parser(
+        "sweep", help="run the grid TASKS x METHODS x RATIOS (+ one vanilla run per task), then report it",
+        description="Run `eval` for every task x method x ratio (comma-separated lists) plus one vanilla run per task "
+                    "(the loyalty baseline), then write report.md / report.json / plots of exactly these runs into "
+                    "--out (default RESULTS_ROOT/sweep_<model>). Resumable: cells whose run.json and results file "
+                    "exist are skipped.")
+    sw.add_argument("tasks", help="comma-separated tasks, e.g. shapes_vqa,pope,gqa")
+    sw.add_argument("model")
+    sw.add_argument("methods", help="comma-separated methods or chains, e.g. fastv,random,fastv+snapkv")
+    sw.add_argument("ratios", help="comma-separated ratios removed, e.g. 0.25,0.5,0.75")
+    sw.add_argument("--method_args", default="", help="extra method parameters for every run, e.g. k=3")
+    sw.add_argument("--results_root", default="results", help="root of the results tree (default: results)")
+    sw.add_argument("--out", default=None, help="where the report goes (default: RESULTS_ROOT/sweep_<model>)")
+    sw.add_argument("--limit", default=None, help="questions per task (passed to lmms-eval)")
+    sw.add_argument("--batch_size", default=None, help="requests per generate() call (passed to lmms-eval)")
+    sw.add_argument("--lmms_args", default="", help="any other lmms-eval options, one quoted string")
+    sw.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    sw.set_defaults(run=cmd_sweep)
+
+    tk = sub.add_parser(
+        "tasks", help="list the tasks run_eval runs on local documents, and where their documents come from",
+        description="The shapes tasks and lmms-eval's own tasks with local documents (MLLM_EFF_TASK_DATA: "
+                    "synthetic (default), hub, or TASK=PATH of a local copy of the real dataset). --write DIR writes "
+                    "the override YAMLs (lmms-eval's task included, the dataset source replaced) into DIR.")
+    tk.add_argument("--write", default=None, metavar="DIR", help="write the tasks' override YAMLs into DIR")
+    tk.add_argument("--task", default=None, help="with --write: only these tasks (comma-separated)")
+    tk.set_defaults(run=cmd_tasks)
 
 
 def _own_options() -> tuple[set[str], set[str]]:
@@ -175,6 +204,48 @@ def cmd_report(args) -> int:
     except (FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    import shlex
+
+    from .sweep import sweep
+
+    extra = []
+    for name in ("limit", "batch_size"):
+        if getattr(args, name) is not None:
+            extra += [f"--{name}", str(getattr(args, name))]
+    extra += shlex.split(args.lmms_args or "")
+    try:
+        return sweep(args.tasks, args.model, args.methods, args.ratios, args.method_args, extra,
+                     args.results_root, args.out, with_plots=not args.no_plots)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_tasks(args) -> int:
+    from . import lmms_tasks
+    from .tasks import LOCAL_TASKS
+
+    try:
+        sources = lmms_tasks.data_sources()
+        if args.write:
+            names = [t.strip() for t in args.task.split(",")] if args.task else list(lmms_tasks.TASKS)
+            for t in names:
+                print(lmms_tasks.write_override(t, args.write, lmms_tasks.source_for(t, sources)))
+            return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("| task | definition | split | documents |\n|---|---|---|---|")
+    for name, (kind, n, _) in LOCAL_TASKS.items():
+        print(f"| {name} | mllm_efficiency (shapes {kind}) | test | synthetic ({n}) |")
+    for name, spec in lmms_tasks.TASKS.items():
+        src = lmms_tasks.source_for(name, sources)
+        src = f"synthetic ({spec.default_n})" if src == "synthetic" else src
+        print(f"| {name} | lmms_eval/tasks/{spec.yaml} | {spec.split} | {src} |")
     return 0
 
 

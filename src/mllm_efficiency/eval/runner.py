@@ -4,7 +4,11 @@ RATIO is the fraction of tokens REMOVED (FastV's R, kvpress's compression_ratio)
 too (the seed project's RATIO meant "kept"). Results go to results/<task>/<model>/<label>_<ratio>/ unless
 --output_path is given, where <label> is the method (chain joined by '+') followed, when --method_args is given, by
 '-' and the arguments without '=' (fastv with k=2: fastv-k2_0.75). Local synthetic tasks (shapes_vqa, shapes_video)
-are written and included automatically.
+are written and included automatically. lmms-eval's own tasks listed in `lmms_tasks.TASKS` (textvqa_val, docvqa_val,
+chartqa, ocrbench, ai2d, gqa, mme, pope, scienceqa_img, mmbench_en_dev, realworldqa, mmmu_val, videomme) run on
+local documents (lmms-eval's task definition, the dataset source overridden; MLLM_EFF_TASK_DATA picks synthetic
+documents, the hub, or a local copy of the real dataset), passed as `--tasks DIR`. Per-sample outputs
+(--log_samples) are always written: `mllm-eff report` compares them with the vanilla run's (loyalty).
 
 MODEL is checked before lmms-eval starts: the embedded default (shapes-vlm), a Hugging Face model directory with
 config.json, or a hub id already in the local Hugging Face cache (runs are offline unless HF_HUB_OFFLINE=0).
@@ -24,6 +28,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from . import lmms_tasks
 from .methods import parse_chain, split_names
 from .tasks import LOCAL_TASKS, write_task_dir
 
@@ -169,19 +174,65 @@ def validate(run: EvalRun) -> None:
     if "--model_args" in run.extra or any(a.startswith("--model_args=") for a in run.extra):
         raise ConfigError("pass method parameters with --method_args k=v,...; --model_args is built by run_eval")
     check_model(run.model)
+    if any(t in lmms_tasks.TASKS for t in task_names(run.task)):
+        lmms_tasks.data_sources()  # a bad MLLM_EFF_TASK_DATA fails here
 
 
-def lmms_args(run: EvalRun, include_path: Path | None) -> list[str]:
+def task_names(text: str) -> list[str]:
+    names = [t.strip() for t in str(text).split(",")]
+    if not all(names):
+        raise ConfigError(f"TASK must be task names separated by commas, got {text!r}")
+    return names
+
+
+def prepare_tasks(run: EvalRun) -> tuple[Path | None, str | None, dict]:
+    """(--include_path folder, --tasks value replacing the names, environment for lmms-eval) of a run: the shapes
+    tasks written and included; lmms-eval's tasks with local documents written into one folder of YAMLs that
+    `--tasks` names (lmms-eval merges each over its registered task of the same name)."""
+    tasks = task_names(run.task)
+    local = [t for t in tasks if t in LOCAL_TASKS]
+    sources = lmms_tasks.data_sources() if any(t in lmms_tasks.TASKS for t in tasks) else {}
+    overridden = [t for t in tasks if t in lmms_tasks.TASKS and lmms_tasks.source_for(t, sources) != "hub"]
+    include = write_task_dir(tasks=local) if local else None
+    if not overridden:
+        return include, None, {}
+    for t in overridden:
+        src = lmms_tasks.source_for(t, sources)
+        print(f"[run_eval] {t}: lmms-eval's own task definition on "
+              + ("synthetic documents (MLLM_EFF_TASK_DATA=hub for the hub dataset, =PATH for a local copy)"
+                 if src == "synthetic" else f"the local data at {src}"), flush=True)
+    folder = lmms_tasks.run_dir(tasks, sources=sources, shapes_root=include)
+    env = {}
+    if "videomme" in overridden and lmms_tasks.source_for("videomme", sources) == "synthetic":
+        env = _media_env(lmms_tasks.media_home())
+    return None, str(folder), env
+
+
+def _media_env(home: Path) -> dict:
+    """HF_HOME pointed at the synthetic videos (videomme reads $HF_HOME/videomme/data), the hub and datasets
+    caches and the token kept where they were."""
+    old = Path(os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")))
+    return {"HF_HOME": str(home),
+            "HF_HUB_CACHE": os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+            or str(old / "hub"),
+            "HF_DATASETS_CACHE": os.environ.get("HF_DATASETS_CACHE") or str(old / "datasets"),
+            "HF_TOKEN_PATH": os.environ.get("HF_TOKEN_PATH") or str(old / "token")}
+
+
+def lmms_args(run: EvalRun, include_path: Path | None, tasks: str | None = None) -> list[str]:
+    """lmms-eval's arguments; `tasks` replaces the task names (a folder of task YAMLs: `--tasks DIR`)."""
     out = run.output_dir
     model_args = [f"pretrained={run.model}", f"method={run.method}"]
     model_args += [f"{k}={v}" for k, v in _method_params(run).items()]
     model_args.append(f"efficiency_log={out / 'efficiency.jsonl'}")
-    args = ["--model", "mllm_efficiency", "--model_args", ",".join(model_args), "--tasks", run.task,
+    args = ["--model", "mllm_efficiency", "--model_args", ",".join(model_args), "--tasks", tasks or run.task,
             "--batch_size", "1"]
     if include_path is not None:
         args += ["--include_path", str(include_path)]
     if not any(a == "--output_path" or a.startswith("--output_path=") for a in run.extra):
         args += ["--output_path", str(out)]
+    if "--log_samples" not in run.extra:  # per-sample answers: loyalty against the vanilla run
+        args.append("--log_samples")
     if "--batch_size" in run.extra:
         i = args.index("--batch_size")
         del args[i:i + 2]
@@ -197,19 +248,15 @@ def execute(run: EvalRun, python: str = sys.executable, launcher: list[str] | No
     `launcher` (default: MLLM_EFF_LAUNCHER's words, else `python`) starts `-m mllm_efficiency.eval.lmms_main`."""
     validate(run)
     launcher = launcher or launcher_from_env()
-    include = None
-    tasks = [t.strip() for t in run.task.split(",")]
-    local = [t for t in tasks if t in LOCAL_TASKS]
-    if local:
-        include = write_task_dir(tasks=local)
+    include, tasks_arg, task_env = prepare_tasks(run)
     out = run.output_dir
     before = set(find_results(out))
     keep = 1.0 - run.ratio
     print(f"[run_eval] task={run.task} model={run.model} method={run.method} ratio removed={run.ratio:g} "
           f"(kept fraction {keep:g}) -> {out}", flush=True)
-    cmd = (launcher or [python]) + ["-m", "mllm_efficiency.eval.lmms_main"] + lmms_args(run, include)
+    cmd = (launcher or [python]) + ["-m", "mllm_efficiency.eval.lmms_main"] + lmms_args(run, include, tasks_arg)
     print("[run_eval] " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    env = {**os.environ, **({k: v for k, v in OFFLINE_ENV.items() if k not in os.environ})}
+    env = {**os.environ, **({k: v for k, v in OFFLINE_ENV.items() if k not in os.environ}), **task_env}
     rc = subprocess.call(cmd, env=env)
     new = [p for p in find_results(out) if p not in before]
     if rc != 0:
