@@ -139,9 +139,12 @@ def test_report_draws_plots(tmp_path):
     write_run(tmp_path, "vanilla", 0, "20261201_101010", 0.8, 300.0)
     write_run(tmp_path, "fastv", 0.5, "20261201_111111", 0.7, 150.0)
     text = report.build_report(tmp_path)
-    pngs = list(tmp_path.glob("report_*.png"))
-    assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"plot: {pngs[0]}" in text
+    pngs = sorted(tmp_path.glob("report_*.png"))
+    names = {p.name for p in pngs}
+    assert "report_shapes_vqa_shapes-vlm.png" in names and "report_heatmap_shapes-vlm.png" in names, names
+    for png in pngs:  # the accuracy/efficiency plot, the frontier and the heat map
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert str(png) in text
 
 
 # ------------------------------------------------------------------------------------------------------ loyalty
