@@ -149,7 +149,8 @@ def test_cache_size_counts_one_row_of_a_batched_cache():
     import torch
     from transformers import DynamicCache
 
-    from mllm_efficiency.eval.efficiency import cache_of, cache_size
+    from mllm_efficiency.core.attachments import output_cache as cache_of
+    from mllm_efficiency.eval.efficiency import cache_size
 
     cache = DynamicCache()
     for layer in range(2):

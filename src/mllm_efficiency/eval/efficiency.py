@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..bench.timing import synchronize
+from ..core.attachments import output_cache
 
 
 class StepClock:
@@ -58,14 +59,6 @@ class SampleEfficiency:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def cache_of(output) -> Any:
-    for name in ("cache", "past_key_values"):  # `cache` first: reading past_key_values warns on transformers >= 5.24
-        c = getattr(output, name, None)
-        if c is not None:
-            return c
-    return None
 
 
 def cache_size(cache, row: int | None = None) -> tuple[float | None, int | None]:
@@ -117,7 +110,7 @@ def measure(model, handles, clock: StepClock, output, prompt_tokens: int, visual
             generated_tokens: int, row: int = 0, kv: tuple[float, int] | None = None) -> SampleEfficiency:
     """`kv`: (stored tokens per layer, bytes) when the cache is not `output`'s (the fast path's slot buffers)."""
     kept, layer, _ = kept_prompt_tokens(handles, prompt_tokens, row)
-    kv_tokens, kv_bytes = kv if kv is not None else cache_size(cache_of(output), row)
+    kv_tokens, kv_bytes = kv if kv is not None else cache_size(output_cache(output), row)
     return SampleEfficiency(
         prefill_ms=clock.prefill_ms, decode_tokens_per_s=clock.decode_tokens_per_s(generated_tokens),
         generated_tokens=generated_tokens, prompt_tokens=prompt_tokens, visual_tokens=visual_tokens,

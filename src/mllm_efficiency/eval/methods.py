@@ -78,13 +78,3 @@ def parse_chain(method: str | None, params: dict[str, Any] | None = None) -> Met
     for n, cfg in zip(names, per):
         get_method(n).config_cls.from_kwargs(n, **cfg)  # raises ConfigError naming the field and range
     return MethodChain(names, tuple(per))
-
-
-def method_param_names(method: str | None) -> set[str]:
-    """Bare and dotted parameter names the chain accepts (used to split lmms-eval model_args)."""
-    out: set[str] = set()
-    for n in split_names(method):
-        fields = get_method(n).config_cls.field_names()
-        out.update(fields)
-        out.update(f"{n}.{f}" for f in fields)
-    return out

@@ -198,12 +198,3 @@ def load_shapes_vlm(weights_dir: str | Path | None = None, *, backbone: str = BA
     if device is not None:
         model = model.to(device)
     return model, processor
-
-
-def save_pretrained_dir(out_dir: str | Path, weights_dir: str | Path | None = None) -> Path:
-    """Write the assembled default VLM as a full Hugging Face LLaVA directory (model + processor)."""
-    model, processor = load_shapes_vlm(weights_dir)
-    out = Path(out_dir)
-    model.save_pretrained(str(out))
-    processor.save_pretrained(str(out))
-    return out

@@ -25,6 +25,7 @@ import weakref
 import torch
 
 from ..adapters import get_adapter
+from ..core.attachments import own_attributes
 from transformers import DynamicCache
 from .fuse import ProjectionFusion
 from .prefill import ShapePlan
@@ -184,8 +185,7 @@ class FastSession:
             handle.remove()
         if not seen:
             raise RuntimeError(f"{type(self.model).__name__} did not call its text model")
-        seen.pop(self.adapter.cache_kwarg, None)
-        for name in ("use_cache", "past_key_values", "cache", "return_dict"):
+        for name in (self.adapter.cache_kwarg, "use_cache", "return_dict"):
             seen.pop(name, None)
         return seen
 
@@ -262,7 +262,7 @@ def _method_fingerprint(adapter) -> tuple:
     modules = [adapter.model, adapter.text_model, getattr(adapter.text_model, "norm", None), *adapter.layers,
                *adapter.attention_modules()]
     hooks = tuple(tuple(m._forward_pre_hooks) + tuple(m._forward_hooks) for m in modules if m is not None)
-    attrs = tuple(sorted((k, id(v)) for k, v in vars(adapter.text_model).items() if k.startswith("_mllm_eff")))
+    attrs = tuple(sorted((k, id(v)) for k, v in own_attributes(adapter.text_model).items()))
     return hooks, attrs, adapter.text_config._attn_implementation
 
 

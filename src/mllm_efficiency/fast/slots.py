@@ -15,9 +15,11 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..core.attachments import PREFIX
+
 SLOT_ATTENTION = "mllm_eff_slots"  # grouped matmuls + softmax (no K/V expansion)
 SLOT_ATTENTION_SDPA = "mllm_eff_slots_sdpa"  # torch SDPA with the bias as its mask
-_BIAS_ATTR = "_mllm_eff_slot_bias"
+_BIAS_ATTR = PREFIX + "_slot_bias"  # on each attention module while a decode step runs
 
 
 class SlotLayer(CacheLayerMixin):
