@@ -65,6 +65,7 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", default=["preset", "shapes-vlm"])
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes of the fast arms")
+    ap.add_argument("--methods", nargs="+", default=["vanilla", "fastv"], choices=["vanilla", "fastv"])
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     rows = []
@@ -73,7 +74,7 @@ def main(argv=None) -> None:
         for model in args.models:
             path = str(build_model_dir(args.preset, tmp)) if model == "preset" else model
             name = args.preset if model == "preset" else model
-            for method, ratio in (("vanilla", 0), ("fastv", 0.75)):
+            for method, ratio in [(m, 0 if m == "vanilla" else 0.75) for m in args.methods]:
                 arms = [("false", 1)] + [("true", b) for b in args.batch]
                 base = None
                 for fast, batch in arms:
