@@ -12,12 +12,12 @@ from __future__ import annotations
 from ...registry import register_method
 from .attached import AttachedFocus
 from .config import DEDUP_GEMMS, GEMMS, MLP_GEMMS, FocusConfig
-from .sec import SEC, _Compaction, text_row_max_scores
+from .sec import SEC, _Compaction, text_row_max_scores  # noqa: F401  (_Compaction: tests)
 from .sic import GridMatching, SICLinear, Site
 from .stats import FocusStats, TraceRecorder
 
-__all__ = ["AttachedFocus", "DEDUP_GEMMS", "FocusConfig", "FocusStats", "GEMMS", "GridMatching", "MLP_GEMMS", "SEC",
-           "SICLinear", "Site", "TraceRecorder", "attach_focus", "text_row_max_scores"]
+__all__ = ["DEDUP_GEMMS", "GEMMS", "MLP_GEMMS", "SEC", "AttachedFocus", "FocusConfig", "FocusStats",
+           "GridMatching", "SICLinear", "Site", "TraceRecorder", "attach_focus", "text_row_max_scores"]
 
 
 @register_method("focus", family="video", config_cls=FocusConfig,

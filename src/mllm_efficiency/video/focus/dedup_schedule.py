@@ -269,7 +269,7 @@ class DedupSchedule:
     def _dedup_or_dense(self, key: tuple, removed: int, M: int, plan=None, draft=None):
         """A matched point: deduplicated when its exact duplicate fraction reaches `min_dedup_fraction` and its
         layer's first point did; the plan's shapes come from `removed` (no sync)."""
-        gemm, layer = key
+        layer = key[1]
         self.stats.duplicates[key] = [removed, M]
         worth = removed / M >= self.config.min_dedup_fraction
         layer_ok = self.layer_dedup.setdefault(layer, worth)  # the first point of a layer decides for it

@@ -25,7 +25,7 @@ class Site:
     `sic_live`, `prepare_site(x, layer, gemm)` or `prepare(x, layer, gemm)` (the mean-replaced input, a
     DedupPlan, or None for dense) and optionally `enter(site)` (called when the site starts on a new input)."""
 
-    def __init__(self, owner: "AttachedFocus", layer: int, gemm: str):
+    def __init__(self, owner, layer: int, gemm: str):
         self.owner, self.layer, self.gemm = owner, layer, gemm
         self._x = None
         self._prepared = None
