@@ -143,12 +143,13 @@ def test_token_dedup_host_syncs_and_ops(ov, ov_prompt):
     dense, dense_sites, st = counts(sic_mode="token_dedup", min_dedup_fraction=1.0)
     assert st.dense_layers == [0, 1, 2, 3]
     extra = dense_sites - sec_sites
-    assert sum(extra.values()) == 2 and len(extra) == 1 and list(extra)[0].startswith("focus.py")  # 1 per stage
+    assert sum(extra.values()) == 2 and len(extra) == 1  # 1 per stage
+    assert list(extra)[0].startswith("dedup_schedule.py")
     assert 0 < dense["ops"] - sec["ops"] <= 2 * 120
     live, live_sites, st = counts(sic_mode="token_dedup", min_dedup_fraction=1e-9)
     assert st.rows_removed("q_proj") > 0 and not st.dense_layers
     assert not any(s.startswith("similarity.py") for s in live_sites)
-    focus_syncs = sum(n for s, n in live_sites.items() if s.startswith("focus.py"))
+    focus_syncs = sum(n for s, n in live_sites.items() if s.startswith("dedup_schedule.py"))
     # 2 stages (their first points covered by the sample: no sync of their own), the other 14 points, the
     # selected layer's MLP table (mid_layer), the statistics
     assert len(st.duplicates) == 16 and focus_syncs == 2 + 14 + 1 + 1

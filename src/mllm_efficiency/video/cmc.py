@@ -17,7 +17,7 @@ from ..config import MethodConfig, check_int, check_number
 from ..pruning.engine import PruningEngine, StepResult
 from ..registry import register_method
 from .common import DelegateStep, PromptLayout
-from .focus import SICLinear, Site
+from .focus.sic import SICLinear, Site
 
 CHUNK = 4096  # tokens per SAD block (bounds memory of the distance search)
 
