@@ -355,3 +355,27 @@ def test_real_model_passkey_same_tokens(alias):
         assert isinstance(answer, str)
     finally:
         release(model)
+
+
+VIDEO = [("focus", dict(selected_layers=(0, 1, 2), alpha_list=(0.5, 0.5, 0.5))),
+         ("focus", dict(selected_layers=(0, 1), alpha_list=(0.5, 0.25), sic_mode="token_dedup", min_dedup_fraction=0.0)),
+         ("framefusion", dict(cost=0.6)), ("cmc", {}), ("adaptiv", {})]
+
+
+@pytest.mark.parametrize("method,cfg", VIDEO, ids=[f"{m}-{i}" for i, (m, _) in enumerate(VIDEO)])
+def test_video_methods_same_tokens_or_fall_back(ov, ov_prompt, method, cfg, caplog):
+    """FrameFusion and AdapTiV run on the fast path (eager prefill, slot decode); Focus and CMC keep state the
+    slot decoder does not reproduce, so they fall back to model.generate with a notice. Either way: the same
+    tokens."""
+    with me.apply(ov, method, **cfg):
+        try:
+            with caplog.at_level(logging.WARNING, logger="mllm_efficiency.fast"):
+                ref, got = both(ov, **ov_prompt)
+            assert torch.equal(got, ref)
+            reason = session_for(ov).unsupported_reason()
+            assert (reason is None) == (method in ("framefusion", "adaptiv")), reason
+            if method in ("focus", "cmc"):
+                with pytest.raises(ConfigError, match=method):
+                    me.generate(ov, max_new_tokens=3, fast=True, **ov_prompt)
+        finally:
+            release(ov)

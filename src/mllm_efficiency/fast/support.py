@@ -17,6 +17,9 @@ def unsupported_reason(model, adapter, lm_head) -> str | None:
         return "final logit soft-capping (applied outside the LM head)"
     if memory_engine(adapter) is not None:
         return "a long-context memory method (it runs its own chunked prefill and block retrieval)"
+    for step in getattr(pruning_engine(adapter), "steps", ()):
+        if not getattr(step, "fast_decode", True):
+            return f"{getattr(step, 'method_name', type(step).__name__)} (its decode steps need the model's own loop)"
     kv = kv_engine(adapter)
     policy = getattr(kv, "policy", None)
     if policy is not None and policy.config.decode != "none":

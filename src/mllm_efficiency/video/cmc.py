@@ -79,6 +79,8 @@ def iframe_match(x: torch.Tensor, frames: int, per_frame: int, interval: int, th
 
 
 class AttachedCMC:
+    method_name = "cmc"
+    fast_decode = False  # as Focus: decode-time state the slot decoder does not reproduce
     def __init__(self, model, adapter, config: CMCConfig):
         self.config = config
         self.adapter = adapter

@@ -75,6 +75,15 @@ class DelegateStep(PruningStep):
         self.score_layer = score_layer
         self.tag = tag
 
+    @property
+    def method_name(self) -> str:
+        return getattr(self.owner, "method_name", type(self.owner).__name__)
+
+    @property
+    def fast_decode(self) -> bool:
+        """Whether the fast path's slot decoder reproduces this method's decode steps (see fast.support)."""
+        return getattr(self.owner, "fast_decode", True)
+
     def visual_positions(self, detected, B, L, device):
         return self.owner.layout_source.mask(B, L, device)
 

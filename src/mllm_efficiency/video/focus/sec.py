@@ -54,6 +54,10 @@ class SEC:
     """The SEC steps of one model (owner of their `DelegateStep`s) and the selected layers' MLP compaction.
     Per prefill: keep targets per stage, host-side keep counts, and per selected layer the keep mask over its
     current slots and the rows its MLP computes (mid_layer); `mlp_live` is the compaction of the MLP running now."""
+    method_name = "focus"
+    # Focus keeps similarity state between the prefill and the decode steps that the fast path's slot decoder
+    # does not reproduce (measured: different tokens), so generation with Focus runs model.generate
+    fast_decode = False
 
     def __init__(self, model, adapter, config, stats, trace, layout_source):
         self.config, self.stats, self.trace, self.layout_source = config, stats, trace, layout_source
