@@ -119,7 +119,8 @@ def reference_decode(model, prompt: dict, kept, tokens, eager: bool = False):
 
 # ------------------------------------------------------------------------------------------ registry / config
 def test_methods_registered():
-    assert sorted(me.available_methods(family="kv")) == KV_METHODS
+    new = ["expected_attention", "keydiff", "tova"]  # tested in test_kv_new_methods.py
+    assert sorted(me.available_methods(family="kv")) == sorted(KV_METHODS + new)
 
 
 @pytest.mark.parametrize("method", KV_METHODS)

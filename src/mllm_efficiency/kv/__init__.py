@@ -1,9 +1,11 @@
 """KV-cache compression (docs/kv_methods.md): score -> select -> store, at prefill and during decoding.
 
 Importing this package registers the methods: streamingllm, h2o, snapkv, pyramidkv, adakv, l2norm, random,
-vlcache, lookm.
+vlcache, lookm, tova, keydiff, expected_attention.
 """
-from . import adakv, h2o, l2norm, lookm, pyramidkv, randomkv, snapkv, streamingllm, vlcache  # noqa: F401
+from . import (  # noqa: F401
+    adakv, expected_attention, h2o, keydiff, l2norm, lookm, pyramidkv, randomkv, snapkv, streamingllm, tova, vlcache,
+)
 from .base import KVConfig, KVStats, LayerInput, Policy, Selection, kept_positions
 from .method import kv_method
 

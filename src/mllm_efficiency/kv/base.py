@@ -190,6 +190,12 @@ class Policy:
     def check_model(self, adapter) -> None:
         """Refuse a model this policy cannot run on (called before anything is attached)."""
 
+    def setup(self, adapter) -> None:
+        """Called once the engine is attached (e.g. to add hooks the policy needs; undone by `teardown`)."""
+
+    def teardown(self) -> None:
+        """Undo `setup` (called by `remove()`, possibly more than once)."""
+
     def decode_update(self, layer, query, key, mask, scaling, attn_kw) -> None:
         """Called for every continuation forward of a layer with a decode budget (e.g. accumulate scores)."""
 

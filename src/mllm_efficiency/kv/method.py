@@ -22,12 +22,18 @@ class AttachedKV:
             raise NotImplementedError(f"{policy.name}: models with sliding-window layers are not supported")
         self.policy = policy
         self.engine = KVEngine.attach(model, adapter, policy)
+        try:
+            policy.setup(adapter)
+        except BaseException:
+            self.remove()
+            raise
 
     @property
     def stats(self) -> KVStats:
         return self.policy.stats
 
     def remove(self) -> None:
+        self.policy.teardown()
         self.engine.detach(self.policy)
 
 
