@@ -96,7 +96,9 @@ def _batch_equals_single(model, method, **cfg):
     b_ids, b_pv = llava_prompt(2, seed=2)
     ids, am = pad_left([a_ids, b_ids])
     with torch.no_grad(), me.apply(model, method, **cfg) as h:
-        batch = model(input_ids=ids, attention_mask=am, pixel_values=torch.cat([a_pv, b_pv])).logits[:, -1]
+        pos = (am.cumsum(-1) - 1).clamp_min(0)  # generate passes these; RoPE-dependent scores need them
+        batch = model(input_ids=ids, attention_mask=am, position_ids=pos,
+                      pixel_values=torch.cat([a_pv, b_pv])).logits[:, -1]
         kept_batch = [p.tolist() for p in h.stats.kept_visual_positions]
         counts_batch = list(h.stats.keep_count)
         single_a = model(input_ids=a_ids, pixel_values=a_pv).logits[:, -1]
@@ -117,3 +119,86 @@ def test_divprune_left_padded_batch_equals_single_runs(llava):
 def test_divprune_bad_config(llava):
     with pytest.raises(me.ConfigError):
         me.apply(llava, "divprune", ratio=1.0)
+
+
+# ----------------------------------------------------------------------------------------- DART
+def _dart_inputs(model, prompt, k):
+    """Post-RoPE keys of layer k-1 and the hidden states entering layer k, taken with plain hooks."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    text = model.model.language_model
+    got = {}
+    attn = text.layers[k - 1].self_attn
+    h1 = attn.k_proj.register_forward_hook(lambda m, a, o: got.__setitem__("k", o))
+    h2 = text.layers[k].register_forward_pre_hook(lambda m, a, kw: got.__setitem__("h", (a[0] if a else kw["hidden_states"])),
+                                                  with_kwargs=True)
+    with torch.no_grad():
+        model(**prompt)
+    h1.remove()
+    h2.remove()
+    B, L, _ = got["k"].shape
+    key = got["k"].view(B, L, -1, attn.head_dim).transpose(1, 2)
+    pos = torch.arange(L).unsqueeze(0)
+    cos, sin = text.rotary_emb(got["h"], pos)
+    key, _ = apply_rotary_pos_emb(key, key, cos, sin)
+    return key[0], got["h"][0]
+
+
+def _dart_reference(key, hidden, norm, visual: list[int], text: list[int], keep: int, p_img: int, p_txt: int):
+    l1 = [float(key[:, i].abs().sum()) for i in range(key.shape[1])]
+    by_norm = lambda pos: sorted(pos, key=lambda i: (-l1[i], i))  # noqa: E731
+    p_img = min(p_img, keep)
+    p_txt = min(p_txt, len(text))
+    img_piv = by_norm(visual)[:p_img]
+    txt_piv = by_norm(text)[:p_txt]
+    with torch.no_grad():
+        states = norm(hidden).double()
+    pool = [i for i in visual if i not in img_piv]
+    chosen = set(img_piv)
+    pivots = sorted(img_piv + txt_piv)
+    remaining = keep - p_img
+    for n, p in enumerate(pivots):
+        quota = remaining // len(pivots) + (1 if n < remaining % len(pivots) else 0)
+        ranked = sorted(pool, key=lambda i: (_cos(states[p], states[i]), i))[:quota]
+        chosen.update(ranked)
+        pool = [i for i in pool if i not in ranked]
+    return chosen
+
+
+@torch.no_grad()
+def test_dart_ratio_zero_exact(llava, prompt2):
+    base = llava(**prompt2).logits
+    with me.apply(llava, "dart", ratio=0.0) as h:
+        assert torch.equal(llava(**prompt2).logits, base)
+        assert h.stats.keep_count == [32]
+    assert torch.equal(llava(**prompt2).logits, base)
+
+
+@pytest.mark.parametrize("k,ratio,p_img,p_txt", [(2, 0.778, 4, 4), (1, 0.5, 2, 1), (3, 0.9, 4, 4), (2, 0.25, 0, 3)])
+@torch.no_grad()
+def test_dart_kept_set_matches_reference(llava, prompt2, k, ratio, p_img, p_txt):
+    ids = prompt2["input_ids"][0]
+    visual = (ids == IMAGE_TOKEN).nonzero().flatten().tolist()
+    text = list(range(visual[-1] + 1, ids.shape[0]))
+    key, hidden = _dart_inputs(llava, prompt2, k)
+    keep = keep_rule(32, ratio)
+    expected = _dart_reference(key, hidden, llava.model.language_model.norm, visual, text, keep, p_img, p_txt)
+    with me.apply(llava, "dart", k=k, ratio=ratio, pivot_image_token=p_img, pivot_text_token=p_txt) as h:
+        llava(**prompt2)
+        assert h.stats.keep_count == [keep]
+        assert set(h.stats.kept_visual_positions[0].tolist()) == expected
+        L = ids.shape[0]
+        gen = llava.generate(**prompt2, max_new_tokens=3, do_sample=False)
+        assert gen.shape[1] == L + 3
+        assert h.stats.cache_lengths == [L] * k + [L - 32 + keep] * (4 - k)
+
+
+def test_dart_left_padded_batch_equals_single_runs(llava):
+    _batch_equals_single(llava, "dart", ratio=0.6)
+
+
+@pytest.mark.parametrize("bad", [dict(k=0), dict(ratio=1.0), dict(pivot_image_token=0, pivot_text_token=0),
+                                 dict(k=4)])
+def test_dart_bad_config(llava, bad):
+    with pytest.raises(me.ConfigError):
+        me.apply(llava, "dart", **bad)
