@@ -202,3 +202,116 @@ def test_dart_left_padded_batch_equals_single_runs(llava):
 def test_dart_bad_config(llava, bad):
     with pytest.raises(me.ConfigError):
         me.apply(llava, "dart", **bad)
+
+
+# ----------------------------------------------------------------------------------------- PyramidDrop
+@torch.no_grad()
+def _pdrop_reference(model, prompt, layers, fractions):
+    """PyramidDrop written out: run the decoder layer by layer on the kept tokens (original positions); at each
+    boundary l rank the visual tokens still present by the last token's attention at layer l-1 (mean over heads)
+    and keep round(N * fraction) of the prompt's N. Returns (kept visual positions, last-token logits)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    text = model.model.language_model
+    ids = prompt["input_ids"][0]
+    N = int((ids == IMAGE_TOKEN).sum())
+    h = _inputs_embeds(model, prompt).unsqueeze(0)
+    kept = list(range(ids.shape[0]))
+    captured = {}
+    for i, layer in enumerate(text.layers):
+        if i in layers:
+            q, k = captured[i - 1]
+            G = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(G, dim=1)
+            probs = torch.softmax((q[0, :, -1:] @ k[0].transpose(-1, -2)).float() * q.shape[-1] ** -0.5, -1)
+            score = probs.mean(0)[0]
+            vis = [j for j, p in enumerate(kept) if ids[p] == IMAGE_TOKEN]
+            n_keep = keep_rule(N, 1 - fractions[layers.index(i)])
+            best = set(sorted(vis, key=lambda j: (-float(score[j]), j))[:n_keep])
+            slots = [j for j in range(len(kept)) if j not in vis or j in best]
+            kept = [kept[j] for j in slots]
+            h = h[:, slots]
+        pos = torch.tensor(kept).unsqueeze(0)
+        cos, sin = text.rotary_emb(h, pos)
+        n = len(kept)
+        mask = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
+        attn = layer.self_attn
+        got = {}
+        hq = attn.q_proj.register_forward_hook(lambda m, a, o: got.__setitem__("q", o))
+        hk = attn.k_proj.register_forward_hook(lambda m, a, o: got.__setitem__("k", o))
+        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
+        h = h[0] if isinstance(h, tuple) else h
+        hq.remove()
+        hk.remove()
+        q = got["q"].view(1, n, -1, attn.head_dim).transpose(1, 2)
+        k = got["k"].view(1, n, -1, attn.head_dim).transpose(1, 2)
+        captured[i] = apply_rotary_pos_emb(q, k, cos, sin)
+    logits = model.lm_head(text.norm(h))[0, -1]
+    return {p for p in kept if ids[p] == IMAGE_TOKEN}, logits
+
+
+def test_pdrop_lambda_mapping():
+    from mllm_efficiency.pruning.pdrop import average_fraction, default_layers, lambda_for_ratio
+
+    assert default_layers(32) == (8, 16, 24) and default_layers(4) == (1, 2, 3)
+    # the paper's lambda = 0.5 on LLaVA-1.5: (8 + 8/2 + 8/4 + 8/8) / 32 = 0.46875 of the visual tokens on average
+    assert average_fraction(0.5, (8, 16, 24), 32) == pytest.approx(0.46875)
+    assert lambda_for_ratio(1 - 0.46875, (8, 16, 24), 32) == pytest.approx(0.5, abs=1e-9)
+    assert lambda_for_ratio(0.0, (8, 16, 24), 32) == 1.0
+    for r in (0.1, 0.5, 0.7):
+        lam = lambda_for_ratio(r, (8, 16, 24), 32)
+        assert average_fraction(lam, (8, 16, 24), 32) == pytest.approx(1 - r, abs=1e-9)
+    with pytest.raises(me.ConfigError, match="not reachable"):
+        lambda_for_ratio(0.8, (8, 16, 24), 32)
+
+
+@torch.no_grad()
+def test_pdrop_ratio_zero_exact(llava, prompt2):
+    base = llava(**prompt2).logits
+    with me.apply(llava, "pdrop", ratio=0.0) as h:
+        assert torch.equal(llava(**prompt2).logits, base)
+        assert h.stats.keep_count == [32]
+    assert torch.equal(llava(**prompt2).logits, base)
+
+
+@pytest.mark.parametrize("cfg,layers,fractions", [
+    (dict(), (1, 2, 3), (0.5, 0.25, 0.125)),
+    (dict(lambda_=0.7, layer_list=(1, 3)), (1, 3), (0.7, 0.49)),
+    (dict(image_token_ratio_list=(0.6, 0.2), layer_list=(2, 3)), (2, 3), (0.6, 0.2)),
+])
+@torch.no_grad()
+def test_pdrop_matches_reference(llava, prompt3, cfg, layers, fractions):
+    expected, ref_logits = _pdrop_reference(llava, prompt3, list(layers), list(fractions))
+    with me.apply(llava, "pdrop", **cfg) as h:
+        out = llava(**prompt3).logits[0, -1]
+        st = h.stats
+        assert st.stage_keep_counts == [[keep_rule(48, 1 - f)] for f in fractions]
+        assert st.keep_count == [keep_rule(48, 1 - fractions[-1])] and st.num_visual == [48]
+        assert set(st.kept_visual_positions[0].tolist()) == expected
+        gen = llava.generate(**prompt3, max_new_tokens=3, do_sample=False)
+        assert gen.shape[1] == prompt3["input_ids"].shape[1] + 3
+    torch.testing.assert_close(out, ref_logits, atol=TOL, rtol=0)
+
+
+@torch.no_grad()
+def test_pdrop_ratio_sets_lambda(llava, prompt3):
+    with me.apply(llava, "pdrop", ratio=0.5) as h:
+        llava(**prompt3)
+        lam = h.stats.lambda_
+        from mllm_efficiency.pruning.pdrop import average_fraction
+        assert average_fraction(lam, (1, 2, 3), 4) == pytest.approx(0.5)
+        assert h.stats.stage_keep_counts == [[keep_rule(48, 1 - lam ** s)] for s in (1, 2, 3)]
+    with pytest.raises(me.ConfigError, match="not reachable"):
+        me.apply(llava, "pdrop", ratio=0.8)
+
+
+def test_pdrop_left_padded_batch_equals_single_runs(llava):
+    _batch_equals_single(llava, "pdrop")
+
+
+@pytest.mark.parametrize("bad", [dict(ratio=1.0), dict(lambda_=0.0), dict(layer_list=(2, 1)), dict(layer_list=(1, 4)),
+                                 dict(image_token_ratio_list=(0.5, 0.6)), dict(ratio=0.3, image_token_ratio_list=(0.5,)),
+                                 dict(image_token_ratio_list=(0.5, 0.25))])
+def test_pdrop_bad_config(llava, bad):
+    with pytest.raises(me.ConfigError):
+        me.apply(llava, "pdrop", **bad)
