@@ -43,6 +43,10 @@ class PDropConfig(MethodConfig):
             if self.image_token_ratio_list is not None:
                 raise ConfigError("pdrop: give ratio or image_token_ratio_list, not both")
         check_number("lambda_", self.lambda_, 0.0, 1.0, low_open=True)
+        for name in ("layer_list", "image_token_ratio_list"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (tuple, list)):
+                raise ConfigError(f"pdrop: {name} must be a tuple or list, got {value!r}")
         if self.layer_list is not None:
             object.__setattr__(self, "layer_list", tuple(self.layer_list))
             if not self.layer_list:
