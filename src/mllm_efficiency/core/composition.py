@@ -25,8 +25,13 @@ _ONE_PER_MODEL = {
 # frozenset({a, b}) -> why they cannot share a model
 _CMC = "cmc emulates matching over the full-length sequence; methods that remove or merge tokens break its row map"
 _EXCLUSIVE: dict[frozenset, str] = {
-    **{frozenset({"cmc", other}): _CMC for other in ("fastv", "simignore", "focus", "framefusion", "adaptiv")},
+    **{frozenset({"cmc", other}): _CMC for other in ("fastv", "simignore", "focus", "framefusion", "adaptiv",
+                                                            "divprune", "dart", "pdrop")},
+    frozenset({"adaptiv", "divprune"}): "adaptiv matches neighbours on the full frame grid at layer 0; divprune "
+                                        "removes visual tokens at the input of layer 0",
     frozenset({"focus", "framefusion"}): "both rewrite the visual tokens of the same early layers",
+    frozenset({"dart", "focus"}): "focus fixes its kept set one layer ahead, over slots dart removes at the same "
+                                  "layer",
 }
 
 _ADAPTIV = "adaptiv matches neighbours on the full frame grid at layer 0; {}"
