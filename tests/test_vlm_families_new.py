@@ -18,15 +18,21 @@ import warnings
 
 import pytest
 import torch
+from conftest import ENGINE_ATTR, apply_quiet, cache_of, keep_rule, pad_left
+from test_vlm_batch import check_batch, qwen_batch_of, text_positions
 
 import mllm_efficiency as me
-from conftest import ENGINE_ATTR, apply_quiet, cache_of, keep_rule, pad_left
-from mllm_efficiency.adapters import get_adapter
+from mllm_efficiency.adapters import get_adapter, supported_models
 from mllm_efficiency.testing.tiny import (
-    GEMMA3_IMAGE, INTERNVL_IMAGE, QWEN3_DEEPSTACK, QWEN_IMAGE, gemma3_prompt, internvl_prompt, qwen3_vl_prompt,
-    tiny_gemma3, tiny_internvl, tiny_qwen3_vl,
+    GEMMA3_IMAGE,
+    QWEN3_DEEPSTACK,
+    gemma3_prompt,
+    internvl_prompt,
+    qwen3_vl_prompt,
+    tiny_gemma3,
+    tiny_internvl,
+    tiny_qwen3_vl,
 )
-from test_vlm_batch import check_batch, qwen_batch_of, text_positions
 
 NUM_LAYERS = 4
 TIE = 1e-6
@@ -98,12 +104,9 @@ def test_adapter_families_and_layers(models):
     assert q3.text_model.config.rope_parameters.get("mrope_interleaved") is True
     for a in fam.values():
         assert a.sliding_window_layers() == [] and a.global_layers() == list(range(NUM_LAYERS))
-    names = me.adapters.supported_models() if hasattr(me, "adapters") else None
-    from mllm_efficiency.adapters import supported_models
     for cls in ("InternVLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
                 "Gemma3ForConditionalGeneration"):
         assert cls in supported_models()
-    del names
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -194,7 +197,7 @@ def test_kept_set_equals_eager_reference(env, models, k, ratio):
 
 # ------------------------------------------------------------------------------------------------ KV methods
 def test_snapkv_ratio_zero_budget_and_decode(env):
-    family, model, prompt, _ = env
+    _, model, prompt, _ = env
     L = prompt["input_ids"].shape[1]
     base = model(**prompt).logits
     ref_tokens = greedy(model, prompt, 3)

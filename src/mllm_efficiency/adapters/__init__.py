@@ -1,6 +1,8 @@
 """Model adapters: one per family; methods only talk to these."""
 from __future__ import annotations
 
+import typing
+
 import torch
 from torch import nn
 
@@ -78,7 +80,7 @@ class Gemma3Adapter(VLMAdapter):
     the changed sequence; they are refused at `apply` with the reason, rather than run on the global layers
     alone (which would leave the local layers' caches full length and their windows over other tokens)."""
 
-    REFUSED = {
+    REFUSED: typing.ClassVar[dict[str, str]] = {
         "pruning": "token pruning shrinks the sequence every later layer sees, but each layer's mask (sliding "
                    "window or global, with the bidirectional image-token blocks) is built by the model for the "
                    "full prompt and the local layers keep a window-sized cache",
@@ -147,4 +149,4 @@ def _check_decoder(text: nn.Module, model: nn.Module) -> None:
         )
 
 
-__all__ = ["ModelAdapter", "get_adapter", "supported_models", "DECODER_FAMILIES"]
+__all__ = ["DECODER_FAMILIES", "ModelAdapter", "get_adapter", "supported_models"]
