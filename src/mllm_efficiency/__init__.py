@@ -6,7 +6,7 @@
     out = me.generate(model, **inputs, max_new_tokens=32)   # greedy decoding on the fast path
 """
 from .api import apply
-from .errors import ConfigError, NoVisualTokensError, UnsupportedModelError
+from .errors import ConfigError, NoVisualTokensError, UnsupportedMethodError, UnsupportedModelError
 from .registry import available_methods, get_method
 from .core.cache import TrackedCache
 
@@ -31,4 +31,4 @@ def __getattr__(name):
 
 
 __all__ = ["apply", "available_methods", "get_method", "ConfigError", "NoVisualTokensError",
-           "UnsupportedModelError", "TrackedCache", "LlavaForConditionalGeneration", "FastVConfig", "generate"]
+           "UnsupportedModelError", "UnsupportedMethodError", "TrackedCache", "LlavaForConditionalGeneration", "FastVConfig", "generate"]

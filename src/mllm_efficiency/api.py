@@ -20,6 +20,7 @@ def apply(model: Any, name: str, **cfg: Any) -> MethodHandle:
     config = spec.config_cls.from_kwargs(spec.name, **cfg)
     adapter = get_adapter(model)
     key = adapter.text_model
+    adapter.check_method(spec.name, spec.family, config)  # a family's refusal (e.g. Gemma 3), named and explained
     composition.check(key, spec.name, spec.family, config)
     snapshot = ModelSnapshot(model)
     try:

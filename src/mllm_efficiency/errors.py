@@ -9,5 +9,10 @@ class UnsupportedModelError(TypeError):
     """The model family has no adapter."""
 
 
+class UnsupportedMethodError(UnsupportedModelError, NotImplementedError):
+    """The model family has an adapter, but this method cannot run on it (the message names the model, the
+    method and the reason). Raised by `apply` before anything is attached."""
+
+
 class NoVisualTokensError(ValueError):
     """A visual-token method was run on a prompt without image or video tokens."""

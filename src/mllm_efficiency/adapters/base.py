@@ -44,6 +44,20 @@ class ModelAdapter:
         types = getattr(self.text_config, "layer_types", None) or []
         return [i for i, t in enumerate(types) if t != "full_attention"]
 
+    def global_layers(self) -> list[int]:
+        """Layers attending over the whole sequence (every layer unless the config names sliding-window ones)."""
+        local = set(self.sliding_window_layers())
+        return [i for i in range(self.num_layers) if i not in local]
+
+    def check_method(self, name: str, family: str, config) -> None:
+        """Refuse method `name` (registry family `family`) on this model before anything is attached: raise
+        `UnsupportedMethodError` naming the model and the reason. Called by `apply`; the default accepts."""
+
+    def check_pruning_step(self, step) -> None:
+        """Refuse a token-pruning step (`step.layer`: the first layer that runs on the pruned sequence,
+        `step.mode`: "inplace" shrinks the sequence, "mask" keeps it) the family cannot run. Called by the
+        pruning engine when a step is attached; the default accepts."""
+
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Bool (B, L): positions holding an image/video token id, or None if the family knows no such id."""
         if not self.visual_token_ids:

@@ -142,6 +142,7 @@ class PruningEngine:
     # ----------------------------------------------------------------- lifecycle
     @classmethod
     def attach(cls, model: nn.Module, adapter, step) -> "PruningEngine":
+        adapter.check_pruning_step(step)  # e.g. Qwen3-VL refuses a sequence shrunk before its DeepStack layers
         engine = attachments.pruning_engine(adapter)
         if engine is None:
             engine = cls(model, adapter)
