@@ -62,6 +62,12 @@ METHODS = [
     ("vlcache", dict(ratio=0.5)),
     ("lookm", dict(ratio=0.5)),
     ("random", dict(ratio=0.5)),
+    ("divprune", dict(ratio=0.5)),
+    ("dart", dict(ratio=0.5, k=2)),
+    ("pdrop", dict(ratio=0.5, layer_list=(1, 2))),
+    ("tova", dict(ratio=0.5)),
+    ("keydiff", dict(ratio=0.5)),
+    ("expected_attention", dict(ratio=0.5)),
 ]
 
 
@@ -258,7 +264,10 @@ CAPTURABLE = [(None, {}), ("fastv", dict(k=2, ratio=0.75)), ("fastv", dict(k=2, 
               ("snapkv", dict(ratio=0.5, window=4)), ("h2o", dict(ratio=0.5)), ("streamingllm", dict(ratio=0.5)),
               ("pyramidkv", dict(ratio=0.5, window=4)), ("l2norm", dict(ratio=0.5)),
               ("simignore", dict(ratio=0.5)), ("simignore", dict(ratio=0.5, action="mask", text_source="prompt")),
-              ("simignore", dict(keep=5, text_source="explicit", text_token_ids=(10, 11)))]
+              ("simignore", dict(keep=5, text_source="explicit", text_token_ids=(10, 11))),
+              ("divprune", dict(ratio=0.5)), ("dart", dict(ratio=0.5, k=2)),
+              ("pdrop", dict(ratio=0.5, layer_list=(1, 2))), ("tova", dict(ratio=0.5)), ("keydiff", dict(ratio=0.5)),
+              ("expected_attention", dict(ratio=0.5))]
 
 
 @pytest.mark.parametrize("padded", [False, True])

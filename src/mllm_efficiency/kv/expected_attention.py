@@ -22,6 +22,7 @@ import torch
 
 from ..config import check_bool, check_int, check_number
 from ..core.device import device_ints
+from ..core.context import ModelContext
 from . import primitives as P
 from .base import KVConfig, LayerInput, Policy, Selection
 from .method import kv_method
@@ -105,6 +106,8 @@ class ExpectedAttentionPolicy(Policy):
     def setup(self, adapter) -> None:
         self._rotary = adapter.text_model.rotary_emb
         self._mrope = bool(getattr(adapter, "uses_mrope", False))
+        context = ModelContext.of(adapter)
+        self._host = context.host_values if context is not None else None  # layout reads, replayable in a capture
         for i, attn in enumerate(adapter.attention_modules()):
             idx = getattr(attn, "layer_idx", i)
             self._hooks.append(attn.q_proj.register_forward_hook(self._keep_queries(idx)))
@@ -145,7 +148,8 @@ class ExpectedAttentionPolicy(Policy):
         pos = inp.positions.masked_fill(~inp.real, -1)
         first = inp.positions.masked_fill(~inp.real, 1 << 40).amin(1)
         start = (pos.amax(1) - first + 1).clamp_min(0)
-        cos, sin = self._future_rotation(start.tolist(), q)
+        starts = self._host.read("expected_attention_start", start.tolist) if self._host else start.tolist()
+        cos, sin = self._future_rotation(starts, q)
         mu = _rotate(mu, cos, sin)
         if cov is not None:
             c4, s4 = cos[:, None], sin[:, None]
