@@ -79,6 +79,19 @@ def cache_size(cache, row: int | None = None) -> tuple[float | None, int | None]
     return sum(lengths) / len(lengths), total
 
 
+def slot_kv(plan, row: int, new_tokens: int) -> tuple[float, int]:
+    """(mean stored tokens per layer, KV bytes of batch row `row`) of the fast path's cache (`plan`: the
+    `ShapePlan` that ran, `mllm_efficiency.fast.session_for(model).last_plan`) at the end of a generation: the
+    prompt slots each layer kept plus the generated tokens."""
+    tokens, total = [], 0
+    for layer in plan.cache.layers:
+        n = layer.stored + new_tokens
+        per_slot = layer.keys[row, :, :1].numel() * layer.keys.element_size() * 2
+        tokens.append(n)
+        total += n * per_slot
+    return sum(tokens) / len(tokens), total
+
+
 def kept_prompt_tokens(handles, prompt_tokens: int, row: int = 0) -> tuple[int, int | None, int | None]:
     """(tokens kept after pruning, pruning layer k, visual tokens) of sample `row` from pruning methods' stats."""
     kept, layer = prompt_tokens, None

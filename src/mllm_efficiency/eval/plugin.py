@@ -36,6 +36,8 @@ from ..errors import ConfigError
 from . import efficiency
 from .lmms_main import CLASS_PATH, MODEL_ID, register  # noqa: F401  (register: re-exported)
 from .methods import parse_chain
+from .vlm import (CONV_TEMPLATES, VICUNA_TEMPLATE, chat_prompt, load_vlm,  # noqa: F401  (re-exported)
+                  parse_dtype)
 
 try:  # lmms-eval >= 0.7: per-request token counts feed its own efficiency summary
     from lmms_eval.api.instance import GenerationResult, TokenCounts
@@ -44,11 +46,6 @@ except ImportError:  # older lmms-eval: plain strings
 
 MANIFEST = ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)
 
-VICUNA_TEMPLATE = ("{% for message in messages %}{% if loop.index0 == 0 %}A chat between a curious user and an "
-                   "artificial intelligence assistant. USER: {{ message['content'] }} {% elif message['role'] == "
-                   "'user' %}USER: {{ message['content'] }} {% else %} ASSISTANT: {{ message['content'] }}"
-                   "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
-CONV_TEMPLATES = ("chatml", "vicuna", "plain")
 _RESERVED = {"pretrained", "method", "device", "device_map", "dtype", "batch_size", "attn_implementation",
              "max_new_tokens", "conv_template", "max_frames_num", "customized_config", "efficiency_log",
              "trust_remote_code", "use_cache", "fast"}
@@ -65,16 +62,7 @@ def _fast_setting(value) -> str | bool:
     raise ConfigError(f"fast must be auto, true or false; got {value!r}")
 
 
-def _slot_kv(plan, row: int, new_tokens: int) -> tuple[float, int]:
-    """(mean stored tokens per layer, KV bytes of batch row `row`) of the fast path's cache at the end of a
-    generation: the prompt slots each layer kept plus the generated tokens."""
-    tokens, total = [], 0
-    for layer in plan.cache.layers:
-        n = layer.stored + new_tokens
-        per_slot = layer.keys[row, :, :1].numel() * layer.keys.element_size() * 2
-        tokens.append(n)
-        total += n * per_slot
-    return sum(tokens) / len(tokens), total
+_slot_kv = efficiency.slot_kv  # the old private name
 
 
 def _load_params_file(path: str) -> dict:
@@ -93,34 +81,7 @@ def _load_params_file(path: str) -> dict:
     return data
 
 
-def _dtype(value: Any):
-    if value in (None, "auto"):
-        return None
-    if isinstance(value, torch.dtype):
-        return value
-    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(str(value), str(value))
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16; got {value!r}")
-    return dt
-
-
-def load_vlm(pretrained: str, dtype=None, attn_implementation: str = "sdpa", device_map: Any = None,
-             trust_remote_code: bool = False):
-    """(model, processor) for the embedded default alias or a local Hugging Face VLM directory."""
-    from .shapes_vlm import ALIAS, load_shapes_vlm
-
-    if pretrained in (ALIAS, "default"):
-        model, processor = load_shapes_vlm(dtype=dtype, attn_implementation=attn_implementation, device=None)
-        return model, processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    kwargs = dict(dtype=dtype or "auto", attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
-    if device_map:
-        kwargs["device_map"] = device_map
-    model = AutoModelForImageTextToText.from_pretrained(pretrained, **kwargs).eval()
-    processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
-    return model, processor
+_dtype = parse_dtype  # the old private name
 
 
 class MLLMEfficiency(lmms):
@@ -227,24 +188,7 @@ class MLLMEfficiency(lmms):
         return [frames[i] for i in idx]
 
     def build_prompt(self, context: str, num_images: int) -> str:
-        image_token = getattr(self.processor, "image_token", "<image>")
-        text = context.replace("<image>", "").replace(image_token, "").strip() if num_images else context
-        content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
-        if self.conv_template == "plain":
-            return (image_token + "\n") * num_images + text
-        if self.conv_template == "vicuna":
-            msg = [{"role": "user", "content": (image_token + "\n") * num_images + text}]
-            return self._tokenizer.apply_chat_template(msg, chat_template=VICUNA_TEMPLATE, tokenize=False,
-                                                       add_generation_prompt=True)
-        if self.conv_template == "chatml" or getattr(self.processor, "chat_template", None):
-            from .local_processor import CHATML_TEMPLATE
-
-            template = None if self.conv_template is None else CHATML_TEMPLATE.replace("{{ image_token }}",
-                                                                                          image_token)
-            return self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                      chat_template=template, tokenize=False,
-                                                      add_generation_prompt=True)
-        return (image_token + "\n") * num_images + text
+        return chat_prompt(self.processor, context, num_images, self.conv_template)
 
     # ---------------------------------------------------------------- generation
     def _encode(self, context: str, visuals: list) -> dict:
