@@ -3,6 +3,7 @@
     mllm-eff methods                      # registered methods, their family and config fields
     mllm-eff demo                         # FastV on an embedded tiny LLaVA, offline, < 30 s on 2 CPU cores
     mllm-eff flops --preset llava-1.5-7b --k 2 --ratio 0.5 0.75 0.9
+    mllm-eff predict --image scene.png --question "What color is the circle?" [--method fastv --ratio 0.75]
 
 `main(argv)` returns the exit code (0 ok, 1 a check failed or a module is missing, 2 bad arguments). Every
 verb reports a bad argument, value or file as one `error: ...` line on stderr (argparse adds its usage line for
@@ -122,6 +123,36 @@ def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- predict
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .eval.predict import check_args, format_result, predict
+
+    # every check that needs no model runs before the model is loaded (ConfigError -> `error: ...`, exit 2)
+    check_args(args.image, args.question, args.model, args.method, args.ratio, args.max_new_tokens)
+    if args.json:
+        _check_writable(args.json)
+    result = predict(args.image, args.question, args.model, args.method, args.ratio,
+                     max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype)
+    print(format_result(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2, default=str)
+        print(f"result written to {args.json}")
+    return 0
+
+
+def _check_writable(path: str) -> None:
+    import os
+
+    from .errors import ConfigError
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"--json: {path!r} is a directory")
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--json: the directory of {path!r} does not exist")
+
+
 # ------------------------------------------------------------------------------------------- flops
 def cmd_flops(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
@@ -219,6 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default cuda when available (generation then runs on the fast path), else cpu")
     demo.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     demo.set_defaults(run=lambda args: cmd_demo(args, demo))
+
+    pr = sub.add_parser(
+        "predict", help="answer one question about one image (default: the embedded shapes-vlm, CPU, seconds)",
+        description="Answer one question about one image with a model and a method, greedily through "
+                    "mllm_efficiency.generate (the fast path where it applies; eager on CPU), with the prompt the "
+                    "lmms-eval plugin builds (the processor's chat template, one image). Prints the answer, the "
+                    "kept visual tokens / visual tokens (where the method records them), the prefill time (to the "
+                    "first token), the KV-cache bytes at the end of the generation and the path that ran. "
+                    "Arguments are checked before the model is loaded.")
+    pr.add_argument("--image", required=True, metavar="PATH", help="the image file (any format PIL reads)")
+    pr.add_argument("--question", required=True, metavar="TEXT", help="the question")
+    pr.add_argument("--model", default="shapes-vlm", metavar="DIR|ALIAS",
+                    help="shapes-vlm (the embedded default), a Hugging Face model directory, or a hub id already "
+                         "in the local cache; default shapes-vlm")
+    pr.add_argument("--method", default="vanilla", metavar="NAME",
+                    help="a method of `mllm-eff methods`, several joined by '+' (e.g. fastv+snapkv), or vanilla; "
+                         "default vanilla")
+    pr.add_argument("--ratio", type=_ratio, default=None, metavar="R",
+                    help="fraction of tokens the method removes, in [0, 1); default: the method's own")
+    pr.add_argument("--max-new-tokens", type=_int_at_least("max_new_tokens", 1), default=16,
+                    help="greedy tokens generated at most; default 16")
+    pr.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default cuda when available, else cpu")
+    pr.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                    help="weights dtype; default auto (the checkpoint's)")
+    pr.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    pr.set_defaults(run=cmd_predict)
 
     fl = sub.add_parser(
         "flops", help="theoretical FastV FLOPs table (paper Eq. 5, exact prefill count, equivalent tokens)",

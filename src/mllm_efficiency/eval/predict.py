@@ -61,16 +61,19 @@ def check_args(image: Any, question: str, model: str = DEFAULT_MODEL, method: st
     try:
         names = split_names(method)
     except ConfigError as e:
-        raise ConfigError(f"--method: {e}") from None
+        raise ConfigError(f"--method: {str(e).removeprefix('method: ')}") from None
     if ratio is not None and not names:
         raise ConfigError("--ratio: needs a method (--method NAME); vanilla removes nothing")
     params = dict(params or {})
-    if ratio is not None:
-        params["ratio"] = float(ratio)
     try:
         chain = parse_chain(method, params)
     except ConfigError as e:
         raise ConfigError(f"--method: {e}") from None
+    if ratio is not None:
+        try:
+            chain = parse_chain(method, {**params, "ratio": float(ratio)})
+        except ConfigError as e:
+            raise ConfigError(f"--ratio: {e}") from None
     return open_image(image), chain
 
 
