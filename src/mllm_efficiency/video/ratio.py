@@ -31,9 +31,9 @@ def layer_removed_fraction(per_layer: list[int], num_visual: int, num_layers: in
     return 1.0 - sum(counts) / (num_layers * num_visual)
 
 
-def unreachable(method: str, ratio: float, reachable: float, why: str) -> str:
+def unreachable(method: str, ratio: float, reachable: float, where: str, why: str) -> str:
     """The note (also warned once) when `ratio` exceeds what the method can remove on this prompt."""
-    note = (f"{method}: ratio={ratio:g} cannot be reached on this prompt: at most {reachable:.3f} of the visual "
+    note = (f"{method}: ratio={ratio:g} cannot be reached on {where}: at most {reachable:.3f} of the visual "
             f"tokens can be removed ({why})")
     warnings.warn(note, stacklevel=3)
     return note
