@@ -197,7 +197,8 @@ class AttachedCMC:
         if b == 0:
             self.stats.ratio_note = None if want <= able else unreachable(
                 "cmc", ratio, able / rows.numel(), "this prompt",
-                f"the I-frame of each group of {self.config.interval_size} frames (its 4th) is never matched")
+                f"the I-frame (4th frame) of each group of {self.config.interval_size} frames is never matched, and a "
+                "grid of fewer than 4 frames (e.g. frames given as separate images) has none to match against")
         k = min(want, able)
         order = torch.sort(dist, stable=True).indices[:k]
         rowmap[b, rows[order]] = match[order]
