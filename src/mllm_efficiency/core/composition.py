@@ -25,7 +25,7 @@ _ONE_PER_MODEL = {
 # frozenset({a, b}) -> why they cannot share a model
 _CMC = "cmc emulates matching over the full-length sequence; methods that remove or merge tokens break its row map"
 _EXCLUSIVE: dict[frozenset, str] = {
-    **{frozenset({"cmc", other}): _CMC for other in ("fastv", "simignore", "focus", "framefusion", "adaptiv",
+    **{frozenset({"cmc", other}): _CMC for other in ("fastv", "random_prune", "simignore", "focus", "framefusion", "adaptiv",
                                                             "divprune", "dart", "pdrop")},
     frozenset({"adaptiv", "divprune"}): "adaptiv matches neighbours on the full frame grid at layer 0; divprune "
                                         "removes visual tokens at the input of layer 0",
@@ -41,6 +41,8 @@ _EXCLUSIVE_WHEN: dict[frozenset, tuple] = {
                                           _ADAPTIV.format("simignore action='drop' removes tokens before it")),
     frozenset({"adaptiv", "fastv"}): (lambda c: c["fastv"].k == 0,
                                       _ADAPTIV.format("fastv k=0 removes tokens before it")),
+    frozenset({"adaptiv", "random_prune"}): (lambda c: c["random_prune"].k == 0,
+                                             _ADAPTIV.format("random_prune k=0 removes tokens before it")),
 }
 
 _attached: "weakref.WeakKeyDictionary[object, list[tuple]]" = weakref.WeakKeyDictionary()

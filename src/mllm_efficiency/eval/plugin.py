@@ -259,7 +259,7 @@ class MLLMEfficiency(lmms):
             eff = efficiency.measure(self._model, self.handles, clock, out, real, n_visual, max(n_gen, 1), row,
                                      kv=kv)
             self.efficiency_rows.append({"method": self.chain.label, **eff.as_dict(), "batch": new.shape[0],
-                                         "path": path})
+                                         "path": path, **self._ratio_fields(row)})
         return texts
 
     def generate_until(self, requests: list[Instance]) -> list:
@@ -307,6 +307,20 @@ class MLLMEfficiency(lmms):
         return GenerationResult(text=text, token_counts=TokenCounts(input_tokens=row.get("prompt_tokens"),
                                                                     output_tokens=row.get("generated_tokens")))
 
+    def _ratio_fields(self, row: int) -> dict:
+        """The requested `ratio` and the layer-averaged fraction of visual tokens the methods report removing
+        (`stats.removed_fraction`, video methods; sample 0 of a batch only, as their stats hold)."""
+        out: dict = {}
+        for h in self.handles:
+            st = getattr(h, "stats", None)
+            requested = getattr(getattr(h, "config", None), "ratio", None)
+            if requested is not None:
+                out.setdefault("requested_ratio", requested)
+            removed = getattr(st, "removed_fraction", None) if row == 0 else None
+            if isinstance(removed, (int, float)):
+                out["removed_fraction"] = removed
+        return out
+
     def _print_summary(self) -> None:
         if self._rank != 0 or not self.efficiency_rows:
             return
@@ -318,11 +332,19 @@ class MLLMEfficiency(lmms):
             parts.append(f"kept tokens {s['mean_kept_tokens']:.1f}/{s['mean_prompt_tokens']:.1f}")
         if "mean_kv_bytes" in s:
             parts.append(f"KV {s['mean_kv_bytes'] / 1024:.1f} KiB")
+        if "mean_removed_fraction" in s:
+            requested = s.get("mean_requested_ratio")
+            parts.append(f"visual tokens removed {s['mean_removed_fraction']:.3f} (layer-averaged"
+                         + (f", ratio {requested:g} requested)" if requested is not None else ")"))
         tp = self._throughput()
         if tp["samples_per_s"]:
             parts.append(f"{tp['samples_per_s']:.2f} samples/s ({', '.join(f'{k}: {v}' for k, v in tp['paths'].items())})")
         where = f" -> {self.efficiency_log}" if self.efficiency_log else " (efficiency_log=PATH to save per sample)"
         print(f"[mllm_efficiency] {self.chain.label}: " + ", ".join(parts) + " (means)" + where, flush=True)
+        for h in self.handles:  # a ratio a method could not reach, or one its explicit budget overrode
+            note = getattr(getattr(h, "stats", None), "ratio_note", None)
+            if note:
+                print(f"[mllm_efficiency] note: {note}", flush=True)
 
     def _throughput(self) -> dict:
         paths: dict = {}

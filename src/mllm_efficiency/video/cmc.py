@@ -6,6 +6,10 @@ is matched to the I-frame token with the smallest L1 distance (SAD); it is non-i
 layer-0 input, the map is reused for every FC input (q/k/v, o, gate/up, down) of every layer. Query: detection
 redone per layer and head with `query_threshold`. The attention-score condensation is not emulated (it needs
 the probability matrix); its sparsity column is left empty.
+
+`ratio` (without `fc_threshold`) calibrates the FC threshold on each prompt: the `round(ratio * N)` matchable
+tokens (outside the I-frames) of smallest SAD become non-informative. Nothing leaves the sequence: the removed
+fraction is the FC-input token sparsity (the same map in every layer); `query_threshold` keeps its value.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import dataclasses
 import torch
 
 from ..config import MethodConfig, check_int, check_number
+from .ratio import check_optional_ratio, explicit_note, unreachable
 from ..pruning.engine import PruningEngine, StepResult
 from ..registry import register_method
 from .common import DelegateStep, PromptLayout
@@ -25,15 +30,23 @@ CHUNK = 4096  # tokens per SAD block (bounds memory of the distance search)
 @dataclasses.dataclass(frozen=True)
 class CMCConfig(MethodConfig):
     interval_size: int = 8
-    fc_threshold: float = 0.4
+    fc_threshold: float | None = None  # None: 0.4, or calibrated on each prompt for `ratio`
     query_threshold: float = 0.8
     attn_threshold: float = 5e-5
     frames: int | None = None
     allow_text_only: bool = False
+    ratio: float | None = None  # fraction of visual tokens whose FC inputs are I-frame copies (every layer)
 
     def validate(self) -> None:
+        check_optional_ratio(self.ratio)
+        object.__setattr__(self, "_ratio_note", explicit_note("cmc", self.ratio,
+                                                              ["fc_threshold"] if self.fc_threshold is not None else []))
+        if self.fc_threshold is None and self.ratio is None:
+            object.__setattr__(self, "fc_threshold", 0.4)
         check_int("interval_size", self.interval_size, 2)
         for name in ("fc_threshold", "query_threshold", "attn_threshold"):
+            if getattr(self, name) is None:
+                continue
             check_number(name, getattr(self, name), 0.0)
         if self.frames is not None:
             check_int("frames", self.frames, 1)
@@ -46,6 +59,14 @@ class CMCStats:
     query_counts: list[int] = dataclasses.field(default_factory=lambda: [0, 0])  # [matched, total] (token, head)
     attn_score_sparsity: float | None = None
     prefills: int = 0
+    requested_ratio: float | None = None
+    ratio_note: str | None = None
+    calibrated_threshold: float | None = None  # sample 0, last prefill (ratio without fc_threshold)
+
+    @property
+    def removed_fraction(self) -> float:
+        """Sample 0, last prefill: the FC-input token sparsity (the same in every layer, so its layer average)."""
+        return self.linear_sparsity
 
     @property
     def query_sparsity(self) -> float:
@@ -55,10 +76,19 @@ class CMCStats:
 def iframe_match(x: torch.Tensor, frames: int, per_frame: int, interval: int, threshold: float) -> torch.Tensor:
     """Source row of every grid token (N = frames * per_frame, rows of x in grid order, any trailing dims are
     flattened into the distance): the matched I-frame token when non-informative, itself otherwise."""
+    best, match, dim = iframe_candidates(x, frames, per_frame, interval)
+    return torch.where(best < threshold * dim, match, torch.arange(x.shape[0], device=x.device))
+
+
+def iframe_candidates(x: torch.Tensor, frames: int, per_frame: int,
+                      interval: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(smallest SAD of every grid token to its group's I-frame tokens, +inf for the I-frame's own tokens and
+    groups without one; the row of that I-frame token; the distance's width `dim`)."""
     N = x.shape[0]
     flat = x.reshape(N, -1).float()
     dim = flat.shape[1]
     src = torch.arange(N, device=x.device)
+    dist = torch.full((N,), float("inf"), device=x.device)
     i_pos = min(3, interval - 1)
     for g0 in range(0, frames, interval):
         i_frame = g0 + i_pos
@@ -70,12 +100,11 @@ def iframe_match(x: torch.Tensor, frames: int, per_frame: int, interval: int, th
             b = min(a + CHUNK, hi)
             sad = torch.cdist(flat[a:b], ref, p=1)
             best, arg = sad.min(dim=1)
-            hit = best < threshold * dim
             rows = torch.arange(a, b, device=x.device)
             in_iframe = (rows >= i_frame * per_frame) & (rows < (i_frame + 1) * per_frame)
-            hit &= ~in_iframe
-            src[a:b] = torch.where(hit, i_frame * per_frame + arg, rows)
-    return src
+            dist[a:b] = best.masked_fill(in_iframe, float("inf"))
+            src[a:b] = i_frame * per_frame + arg
+    return dist, src, dim
 
 
 class AttachedCMC:
@@ -84,7 +113,7 @@ class AttachedCMC:
     def __init__(self, model, adapter, config: CMCConfig):
         self.config = config
         self.adapter = adapter
-        self.stats = CMCStats()
+        self.stats = CMCStats(requested_ratio=config.ratio, ratio_note=getattr(config, "_ratio_note", None))
         self.layout_source = PromptLayout(adapter, config.frames, config.allow_text_only, "cmc")
         self.step = DelegateStep(self, 0, None)
         self.engine = PruningEngine.attach(model, adapter, self.step)
@@ -132,19 +161,49 @@ class AttachedCMC:
         rowmap = torch.arange(L, device=hidden.device).unsqueeze(0).repeat(B, 1)
         skipped = 0
         for b, grids in enumerate(layout.grids):
-            for g in grids:
+            if self.config.fc_threshold is None:
+                self._calibrated(b, grids, hidden, rowmap)
+            for g in grids if self.config.fc_threshold is not None else ():
                 rows = g.start + torch.arange(g.size, device=hidden.device)
                 src = iframe_match(hidden[b, rows], g.frames, g.height * g.width, self.config.interval_size,
                                    self.config.fc_threshold)
                 rowmap[b, rows] = g.start + src
-                if b == 0:
-                    skipped += int((src != torch.arange(g.size, device=hidden.device)).sum())
+            if b == 0:
+                skipped = int((rowmap[0] != torch.arange(L, device=hidden.device)).sum())
         self.stats.linear_sparsity = skipped / max(layout.n_grid[0], 1)
         self._rowmap = rowmap
         for s in self._sites:
             s.reset()
         self.sic_live = True
         return StepResult(None, list(req.visual_counts))
+
+    def _calibrated(self, b, grids, hidden, rowmap) -> None:
+        """Sample b's FC map for `ratio`: its round(ratio * N) matchable tokens of smallest SAD / dim copy their
+        I-frame token (ties: earlier first); sample 0's threshold is the largest SAD / dim among them."""
+        ratio = float(self.config.ratio)
+        found = []
+        for g in grids:
+            rows = g.start + torch.arange(g.size, device=hidden.device)
+            best, match, dim = iframe_candidates(hidden[b, rows], g.frames, g.height * g.width,
+                                                 self.config.interval_size)
+            found.append((rows, best / dim, g.start + match))
+        if not found:
+            return
+        rows = torch.cat([f[0] for f in found])
+        dist = torch.cat([f[1] for f in found])
+        match = torch.cat([f[2] for f in found])
+        able = int(torch.isfinite(dist).sum())
+        want = int(round(ratio * rows.numel()))
+        if b == 0:
+            self.stats.ratio_note = None if want <= able else unreachable(
+                "cmc", ratio, able / rows.numel(), "this prompt",
+                f"the I-frame (4th frame) of each group of {self.config.interval_size} frames is never matched, and a "
+                "grid of fewer than 4 frames (e.g. frames given as separate images) has none to match against")
+        k = min(want, able)
+        order = torch.sort(dist, stable=True).indices[:k]
+        rowmap[b, rows[order]] = match[order]
+        if b == 0:
+            self.stats.calibrated_threshold = float(dist[order].max()) if k else None
 
     def prepare(self, x, layer, gemm):
         if self._rowmap is None or self._rowmap.shape[1] != x.shape[1]:

@@ -19,6 +19,7 @@ from ..pruning.engine import PruningEngine, StepResult
 from ..core.attention_rows import key_scores
 from ..registry import register_method
 from .common import DelegateStep, PromptLayout, current_visual, topk_keep
+from .ratio import check_optional_ratio, explicit_note, layer_removed_fraction
 
 
 def prune_ratio(history: list[float], num_layers: int, cost: float) -> float:
@@ -42,13 +43,19 @@ def prune_ratio(history: list[float], num_layers: int, cost: float) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class FrameFusionConfig(MethodConfig):
-    cost: float = 0.3
+    cost: float | None = None  # None: 1 - ratio when ratio is given, else 0.3 (the authors' default)
     similarity_lower_bound: float = 0.6  # S_th
     ratio_lower_bound: float = 0.1
     frames: int | None = None
     allow_text_only: bool = False
+    ratio: float | None = None  # fraction of visual tokens removed, layer-averaged: sets cost = 1 - ratio
 
     def validate(self) -> None:
+        check_optional_ratio(self.ratio)
+        object.__setattr__(self, "_ratio_note", explicit_note("framefusion", self.ratio,
+                                                              ["cost"] if self.cost is not None else []))
+        if self.cost is None:  # cost is the layer-averaged fraction of the visual tokens computed: 1 - RATIO
+            object.__setattr__(self, "cost", 0.3 if self.ratio is None else 1.0 - float(self.ratio))
         for name in ("cost", "ratio_lower_bound"):
             check_unit_fraction(name, getattr(self, name))
         check_similarity("similarity_lower_bound", self.similarity_lower_bound)
@@ -65,6 +72,16 @@ class FrameFusionStats:
     visual_per_layer: list[int] = dataclasses.field(default_factory=list)  # sample 0
     cache_lengths: list[int] | None = None
     prefills: int = 0
+    layer_visual: list[int] = dataclasses.field(default_factory=list)  # sample 0: visual tokens each layer computes
+    num_layers: int = 0
+    requested_ratio: float | None = None
+    ratio_note: str | None = None
+
+    @property
+    def removed_fraction(self) -> float | None:
+        """Sample 0, last prefill: 1 - visual tokens computed summed over layers / (T * N)."""
+        return layer_removed_fraction(self.layer_visual, self.num_visual[0] if self.num_visual else 0,
+                                      self.num_layers)
 
 
 class AttachedFrameFusion:
@@ -73,7 +90,8 @@ class AttachedFrameFusion:
             raise NotImplementedError("framefusion on models with sliding-window layers is not supported")
         self.config = config
         self.T = adapter.num_layers
-        self.stats = FrameFusionStats()
+        self.stats = FrameFusionStats(num_layers=self.T, requested_ratio=config.ratio,
+                                      ratio_note=getattr(config, "_ratio_note", None))
         self.layout_source = PromptLayout(adapter, config.frames, config.allow_text_only, "framefusion")
         self.steps = [DelegateStep(self, i, i - 1 if i else None) for i in range(self.T)]
         for step in self.steps:
@@ -91,6 +109,7 @@ class AttachedFrameFusion:
             self.stats.num_visual = list(counts)
             self.stats.merge_ratios, self.stats.prune_layer, self.stats.visual_per_layer = [], None, []
             self.stats.prune_ratio = 0.0
+            self.stats.layer_visual = []
         return bool(sum(counts))
 
     def step_score(self, step, req, module, query, key, attention_mask, kwargs):
@@ -101,6 +120,11 @@ class AttachedFrameFusion:
         return key_scores(query, key, attention_mask, scaling, "last_row", "mean", "mean")
 
     def step_select(self, step, req, hidden):
+        result = self._select(step, req, hidden)
+        self.stats.layer_visual.append(int(result.kept_visual[0]))
+        return result
+
+    def _select(self, step, req, hidden):
         scores = req.scores.pop(step, None)
         visual = current_visual(req)
         self.stats.visual_per_layer.append(int(visual[0].sum()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...errors import ConfigError
 from ..common import PromptLayout
-from .config import FocusConfig
+from .config import FocusConfig, resolve_ratio
 from .dedup_schedule import CandidateTables, DedupSchedule
 from .sec import SEC
 from .sic import GridMatching, SICSites
@@ -14,6 +14,7 @@ from .stats import FocusStats, TraceRecorder
 class AttachedFocus:
     def __init__(self, model, adapter, config: FocusConfig):
         T = adapter.num_layers
+        config, note = resolve_ratio(config, T)  # ratio without alpha_list: the schedule solved for this model
         for i, layer in enumerate(config.selected_layers):
             if layer > T - 2:
                 raise ConfigError(f"selected_layers[{i}] must be in [0, {T - 2}] for this model ({T} decoder "
@@ -22,7 +23,7 @@ class AttachedFocus:
             raise NotImplementedError("focus on models with sliding-window layers is not supported")
         self.config = config
         self.adapter = adapter
-        self.stats = FocusStats()
+        self.stats = FocusStats(num_layers=T, requested_ratio=config.ratio, ratio_note=note)
         self.trace = TraceRecorder()
         self.layout_source = PromptLayout(adapter, config.frames, config.allow_text_only, "focus")
         self.sec = SEC(model, adapter, config, self.stats, self.trace, self.layout_source)

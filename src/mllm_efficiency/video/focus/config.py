@@ -9,6 +9,11 @@ from ...config import (MethodConfig, check_bool, check_choice, check_int, check_
                        is_number)
 from ...errors import ConfigError
 from .. import dedup_kernels as DK
+from ..ratio import check_optional_ratio, explicit_note, unreachable
+
+PAPER_LAYERS = (2, 5, 8, 16, 25)  # Focus's schedule for Qwen2.5-VL-7B's 28 layers
+PAPER_ALPHAS = (0.4, 0.3, 0.2, 0.15, 0.1)
+PAPER_NUM_LAYERS = 28
 
 GEMMS = ("q_proj", "query", "o_proj", "gate_proj", "down_proj")
 MLP_GEMMS = ("gate_proj", "down_proj")
@@ -17,8 +22,10 @@ DEDUP_GEMMS = ("q_proj", "o_proj", "gate_proj", "down_proj")
 
 @dataclasses.dataclass(frozen=True)
 class FocusConfig(MethodConfig):
-    selected_layers: tuple = (2, 5, 8, 16, 25)
-    alpha_list: tuple = (0.4, 0.3, 0.2, 0.15, 0.1)
+    # None: the paper's (2, 5, 8, 16, 25) and (0.4, 0.3, 0.2, 0.15, 0.1), or, with `ratio`, a schedule solved for
+    # it on the model at attach time (`ratio_schedule`)
+    selected_layers: tuple | None = None
+    alpha_list: tuple | None = None
     similarity_threshold: float = 0.9
     vector_size: int | None = None  # None: 32 (emulate) / full width (token_dedup); 0 = full width
     block_size: int | None = None  # S of the T x S x S block; None: 2 (emulate) / 1 (token_dedup)
@@ -36,11 +43,27 @@ class FocusConfig(MethodConfig):
     frames: int | None = None  # frame count when the processor's grid information is not available
     record_trace: bool = False
     allow_text_only: bool = False
+    ratio: float | None = None  # fraction of visual tokens removed, layer-averaged: solves the alpha schedule
 
     def validate(self) -> None:
-        object.__setattr__(self, "selected_layers", tuple(self.selected_layers))
-        object.__setattr__(self, "alpha_list", tuple(self.alpha_list))
+        check_optional_ratio(self.ratio)
+        object.__setattr__(self, "_ratio_note", explicit_note(
+            "focus", self.ratio, ["alpha_list"] if self.alpha_list is not None else []))
+        if self.ratio is None or self.alpha_list is not None:  # the paper's schedule wherever one is missing
+            if self.selected_layers is None:
+                object.__setattr__(self, "selected_layers", PAPER_LAYERS)
+            if self.alpha_list is None:
+                object.__setattr__(self, "alpha_list", PAPER_ALPHAS)
+        if self.selected_layers is not None:
+            object.__setattr__(self, "selected_layers", tuple(self.selected_layers))
+        if self.alpha_list is not None:
+            object.__setattr__(self, "alpha_list", tuple(self.alpha_list))
         object.__setattr__(self, "gemms", tuple(self.gemms))
+        if self.selected_layers is None or self.alpha_list is None:  # ratio: solved at attach time
+            for i, layer in enumerate(self.selected_layers or ()):
+                check_int(f"selected_layers[{i}]", layer, 0)
+            self._validate_rest()
+            return
         if len(self.selected_layers) != len(self.alpha_list):
             raise ConfigError(f"selected_layers and alpha_list must have the same length, got "
                               f"{len(self.selected_layers)} and {len(self.alpha_list)}")
@@ -50,6 +73,9 @@ class FocusConfig(MethodConfig):
             raise ConfigError(f"selected_layers must be strictly increasing, got {list(self.selected_layers)}")
         for i, a in enumerate(self.alpha_list):
             check_unit_fraction(f"alpha_list[{i}]", a)
+        self._validate_rest()
+
+    def _validate_rest(self) -> None:
         check_similarity("similarity_threshold", self.similarity_threshold)
         if self.vector_size is not None:
             check_int("vector_size", self.vector_size, 0)
@@ -115,3 +141,62 @@ class FocusConfig(MethodConfig):
         if self.sic_mode == "token_dedup":
             return tuple(g for g in self.gemms if g in DEDUP_GEMMS)
         return self.gemms
+
+
+def schedule_removed(layers, alphas, num_layers: int) -> float:
+    """Layer-averaged fraction of the visual tokens SEC removes (fractions, before the keep counts' rounding):
+    layers 0..s_1 compute every token, layers after stage i the smallest alpha so far."""
+    total, keep, prev = 0.0, 1.0, -1
+    for s, a in zip(layers, alphas):
+        total += (s - prev) * keep
+        keep, prev = min(keep, a), s
+    total += (num_layers - 1 - prev) * keep
+    return 1.0 - total / num_layers
+
+
+def ratio_schedule(ratio: float, num_layers: int, layers=None) -> tuple[tuple, tuple, str | None]:
+    """(selected_layers, alpha_list, note) removing `ratio` of the visual tokens averaged over `num_layers`.
+
+    Layers: the given ones, else the paper's scaled to the model (l * T / 28 rounded, at most T - 2, duplicates
+    merged; the first moves to layer 0 when the scaled one leaves less than 0.05 above `ratio`). Alphas: c times a geometric
+    shape from 0.4 to 0.1 over the stages (the paper's endpoints), c solved by bisection; `note` says when even the
+    smallest keep (one token) cannot reach `ratio` (layers 0..s_1 compute every token)."""
+    T = num_layers
+    derived = layers is None
+    if derived:
+        layers = tuple(sorted({min(T - 2, round(l * T / PAPER_NUM_LAYERS)) for l in PAPER_LAYERS}))
+        if schedule_removed(layers, [0.0] * len(layers), T) < ratio + 0.05 and layers[0] > 0:  # room for rounding
+            layers = tuple(sorted({0, *layers[1:]}))
+    layers = tuple(layers)
+    m = len(layers)
+    shape = [0.4 * (0.1 / 0.4) ** (i / (m - 1)) if m > 1 else 0.4 for i in range(m)]
+    floor = 1e-6  # (0, 1]: the keep count's max(1, ...) keeps one token at least
+
+    def alphas(c):
+        return tuple(min(1.0, max(floor, c * a)) for a in shape)
+
+    best = schedule_removed(layers, alphas(0.0), T)
+    note = None
+    if ratio > best + 1e-4:
+        note = unreachable("focus", ratio, best, "this model", f"layers 0..{layers[0]} before the first selected layer compute "
+                                                 f"every visual token, of {T} layers")
+        return layers, alphas(0.0), note
+    lo, hi = 0.0, 1.0 / min(shape)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if schedule_removed(layers, alphas(mid), T) > ratio:
+            lo = mid
+        else:
+            hi = mid
+    return layers, alphas((lo + hi) / 2), note
+
+
+def resolve_ratio(config: "FocusConfig", num_layers: int) -> tuple["FocusConfig", str | None]:
+    """The config with its schedule filled for this model (unchanged when it has one), and the ratio note."""
+    note = getattr(config, "_ratio_note", None)
+    if config.alpha_list is not None:
+        return config, note
+    layers, alphas, why = ratio_schedule(float(config.ratio), num_layers, config.selected_layers)
+    resolved = dataclasses.replace(config, selected_layers=layers, alpha_list=alphas)
+    object.__setattr__(resolved, "_ratio_note", why or note)
+    return resolved, why or note

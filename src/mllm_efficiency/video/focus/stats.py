@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from ..ratio import layer_removed_fraction
 from .config import MLP_GEMMS
 
 
@@ -27,6 +28,16 @@ class FocusStats:
     duplicates: dict = dataclasses.field(default_factory=dict)
     cache_lengths: list[int] | None = None
     prefills: int = 0
+    num_layers: int = 0
+    requested_ratio: float | None = None
+    ratio_note: str | None = None
+
+    @property
+    def removed_fraction(self) -> float | None:
+        """Sample 0, last prefill: 1 - grid tokens entering each layer summed over layers / (T * N) (SEC's pruning;
+        SIC's deduplicated GEMM rows are not counted: `rows_removed`, `sic_sparsity`)."""
+        return layer_removed_fraction(self.visual_per_layer, self.num_visual[0] if self.num_visual else 0,
+                                      self.num_layers)
 
     def start_prefill(self, num_visual: list[int], stages: int) -> None:
         """A fresh prefill with visual tokens: new per-prefill records (earlier ones stay valid for their readers)."""
