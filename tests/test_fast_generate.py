@@ -68,6 +68,7 @@ METHODS = [
     ("tova", dict(ratio=0.5)),
     ("keydiff", dict(ratio=0.5)),
     ("expected_attention", dict(ratio=0.5)),
+    ("random_prune", dict(ratio=0.5)),
 ]
 
 
@@ -368,23 +369,39 @@ def test_real_model_passkey_same_tokens(alias):
 
 VIDEO = [("focus", dict(selected_layers=(0, 1, 2), alpha_list=(0.5, 0.5, 0.5))),
          ("focus", dict(selected_layers=(0, 1), alpha_list=(0.5, 0.25), sic_mode="token_dedup", min_dedup_fraction=0.0)),
-         ("framefusion", dict(cost=0.6)), ("cmc", {}), ("adaptiv", {})]
+         ("framefusion", dict(cost=0.6)), ("framefusion", dict(ratio=0.5)), ("cmc", {}), ("adaptiv", {}),
+         ("adaptiv", dict(ratio=0.1))]
 
 
 @pytest.mark.parametrize("method,cfg", VIDEO, ids=[f"{m}-{i}" for i, (m, _) in enumerate(VIDEO)])
 def test_video_methods_same_tokens_or_fall_back(ov, ov_prompt, method, cfg, caplog):
-    """FrameFusion and AdapTiV run on the fast path (eager prefill, slot decode); Focus and CMC keep state the
-    slot decoder does not reproduce, so they fall back to model.generate with a notice. Either way: the same
-    tokens."""
+    """AdapTiV runs on the fast path (eager prefill, slot decode); Focus, CMC and FrameFusion fall back to
+    model.generate with a notice (the fast path gave other tokens for them). Either way: the same tokens."""
     with me.apply(ov, method, **cfg):
         try:
             with caplog.at_level(logging.WARNING, logger="mllm_efficiency.fast"):
                 ref, got = both(ov, **ov_prompt)
             assert torch.equal(got, ref)
             reason = session_for(ov).unsupported_reason()
-            assert (reason is None) == (method in ("framefusion", "adaptiv")), reason
-            if method in ("focus", "cmc"):
+            assert (reason is None) == (method == "adaptiv"), reason
+            if method in ("focus", "cmc", "framefusion"):
                 with pytest.raises(ConfigError, match=method):
                     me.generate(ov, max_new_tokens=3, fast=True, **ov_prompt)
         finally:
             release(ov)
+
+
+@pytest.mark.parametrize("method,cfg", [(None, {})] + METHODS, ids=["vanilla"] + [f"{m}-{i}" for i, (m, _) in
+                                                                                  enumerate(METHODS)])
+def test_fast_prefill_logits_equal_the_models_forward(fresh_llava, image_prompt, method, cfg):
+    """The fast prefill (the text model run on the wrapper's embeddings, fused projections) gives the model's own
+    last-position logits to fp32 rounding."""
+    handle = me.apply(fresh_llava, method, **cfg) if method else None
+    try:
+        with torch.no_grad():
+            ref = fresh_llava(**image_prompt, use_cache=True).logits[:, -1]
+        me.generate(fresh_llava, max_new_tokens=1, **image_prompt)
+        torch.testing.assert_close(session_for(fresh_llava).last_plan.logits, ref, atol=1e-5, rtol=1e-5)
+    finally:
+        if handle:
+            handle.remove()
