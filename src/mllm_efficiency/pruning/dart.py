@@ -23,10 +23,10 @@ import torch
 
 from ..config import MethodConfig, check_int, check_ratio
 from ..core.context import ModelContext
-from ..errors import ConfigError, NoVisualTokensError
+from ..errors import ConfigError
 from ..flops import visual_keep_count
 from ..registry import register_method
-from .engine import PruningEngine, PruningStats, PruningStep, Request, StepResult
+from .engine import PruningEngine, PruningStats, RatioStep, Request, StepResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ def dart_select(states: torch.Tensor, visual: torch.Tensor, pivots: torch.Tensor
     return chosen
 
 
-class DARTStep(PruningStep):
+class DARTStep(RatioStep):
     def __init__(self, config: DARTConfig, norm: torch.nn.Module):
         self.config = config
         self.layer = config.k
@@ -86,22 +86,6 @@ class DARTStep(PruningStep):
         self.graph_capture = True
         self.method_name = "dart"
         self.host_values = None
-
-    def visual_positions(self, detected, B: int, L: int, device):
-        if detected is None:
-            if self.config.allow_text_only:
-                return torch.zeros(B, L, dtype=torch.bool, device=device)
-            raise NoVisualTokensError("dart: no image or video tokens found (the model config names no image "
-                                      "token id)")
-        return detected
-
-    def plan(self, visual: torch.Tensor, counts: list[int], real_lengths: list[int]) -> bool:
-        if sum(counts) == 0 and not self.config.allow_text_only:
-            raise NoVisualTokensError("dart: no image or video tokens found in the prompt")
-        self._keep = [visual_keep_count(n, self.config.ratio) for n in counts]
-        st = self.stats
-        st.num_visual, st.keep_count, st.kept_visual_mask, st.cache_lengths = counts, list(self._keep), visual, None
-        return any(k < n for k, n in zip(self._keep, counts))
 
     def score(self, req: Request, module, query, key, attention_mask, kwargs) -> torch.Tensor:
         return key.float().abs().sum(dim=(1, 3))  # (B, Lk): L1 norm of each key over every head

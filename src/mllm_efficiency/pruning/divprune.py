@@ -16,10 +16,9 @@ import dataclasses
 import torch
 
 from ..config import MethodConfig, check_ratio
-from ..errors import NoVisualTokensError
 from ..flops import visual_keep_count
 from ..registry import register_method
-from .engine import PruningEngine, PruningStats, PruningStep, Request, StepResult
+from .engine import PruningEngine, PruningStats, RatioStep, Request, StepResult
 from .simignore import _true_positions
 
 
@@ -55,7 +54,7 @@ def max_min_diverse(features: torch.Tensor, keep: int) -> torch.Tensor:
     return out
 
 
-class DivPruneStep(PruningStep):
+class DivPruneStep(RatioStep):
     score_layer = None
 
     def __init__(self, config: DivPruneConfig):
@@ -68,22 +67,6 @@ class DivPruneStep(PruningStep):
         # loop runs on the device
         self.graph_capture = True
         self.method_name = "divprune"
-
-    def visual_positions(self, detected, B: int, L: int, device):
-        if detected is None:
-            if self.config.allow_text_only:
-                return torch.zeros(B, L, dtype=torch.bool, device=device)
-            raise NoVisualTokensError("divprune: no image or video tokens found (the model config names no "
-                                      "image token id)")
-        return detected
-
-    def plan(self, visual: torch.Tensor, counts: list[int], real_lengths: list[int]) -> bool:
-        if sum(counts) == 0 and not self.config.allow_text_only:
-            raise NoVisualTokensError("divprune: no image or video tokens found in the prompt")
-        self._keep = [visual_keep_count(n, self.config.ratio) for n in counts]
-        st = self.stats
-        st.num_visual, st.keep_count, st.kept_visual_mask, st.cache_lengths = counts, list(self._keep), visual, None
-        return any(k < n for k, n in zip(self._keep, counts))
 
     def select(self, req: Request, hidden: torch.Tensor) -> StepResult:
         visual = req.visual.gather(1, req.kept) & req.valid

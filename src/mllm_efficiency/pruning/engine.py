@@ -23,6 +23,7 @@ from ..core import attachments
 from ..core.attention import AttentionHub
 from ..core.cache import TrackedCache
 from ..core.context import ModelContext
+from ..errors import NoVisualTokensError
 
 
 
@@ -69,6 +70,30 @@ class PruningStep:
 
     def finish(self, req, cache_lengths) -> None:
         """After the prefill: record statistics."""
+
+
+class RatioStep(PruningStep):
+    """A step that keeps `visual_keep_count(N, config.ratio)` of each sample's N visual tokens, on the adapter's
+    detected visual tokens (`config.allow_text_only` runs prompts without any unchanged). Subclasses set
+    `config`, `stats` (a `PruningStats`) and `method_name`, and implement `select`."""
+
+    def visual_positions(self, detected, B: int, L: int, device) -> torch.Tensor:
+        if detected is None:
+            if self.config.allow_text_only:
+                return torch.zeros(B, L, dtype=torch.bool, device=device)
+            raise NoVisualTokensError(f"{self.method_name}: no image or video tokens found (the model config "
+                                      "names no image token id)")
+        return detected
+
+    def plan(self, visual: torch.Tensor, counts: list[int], real_lengths: list[int]) -> bool:
+        from ..flops import visual_keep_count
+
+        if sum(counts) == 0 and not self.config.allow_text_only:
+            raise NoVisualTokensError(f"{self.method_name}: no image or video tokens found in the prompt")
+        self._keep = [visual_keep_count(n, self.config.ratio) for n in counts]
+        st = self.stats
+        st.num_visual, st.keep_count, st.kept_visual_mask, st.cache_lengths = counts, list(self._keep), visual, None
+        return any(k < n for k, n in zip(self._keep, counts))
 
 
 @dataclasses.dataclass
