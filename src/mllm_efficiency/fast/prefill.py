@@ -62,16 +62,16 @@ class ShapePlan:
             self.prefill_graph.replay()
             self._restore_stats()
             return self.logits
-        capture = self.runs >= 2 and self._can_capture()
+        will_capture = self.runs >= 2 and self._can_capture()
         ctx = ModelContext.of(self.adapter)
         if ctx is not None:
             ctx.host_values.record()
         try:
-            with side_stream(capture):  # a capture's warm-up runs on a side stream
+            with side_stream(will_capture):  # a capture's warm-up runs on a side stream
                 logits = self._prefill_body()
         finally:
             self.host_values = ctx.host_values.take() if ctx is not None else []
-        if capture:
+        if will_capture:
             self._capture_prefill()
         return logits
 
