@@ -26,7 +26,7 @@ from ..core.context import ModelContext
 from ..errors import ConfigError
 from ..flops import visual_keep_count
 from ..registry import register_method
-from .engine import PruningEngine, PruningStats, RatioStep, Request, StepResult
+from .engine import AttachedStep, PruningStats, RatioStep, Request, StepResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,21 +139,13 @@ class DARTStep(RatioStep):
         self.stats.prefills += 1
 
 
-class AttachedDART:
+class AttachedDART(AttachedStep):
     def __init__(self, model, adapter, config: DARTConfig):
         T = adapter.num_layers
         if config.k >= T:
             raise ConfigError(f"dart: k must be in [1, {T - 1}] for this model ({T} decoder layers), got {config.k}")
-        self.step = DARTStep(config, adapter.text_model.norm)
-        self.engine = PruningEngine.attach(model, adapter, self.step)
+        self.attach_step(model, adapter, DARTStep(config, adapter.text_model.norm))
         self.step.host_values = ModelContext.of(adapter).host_values
-
-    @property
-    def stats(self) -> PruningStats:
-        return self.step.stats
-
-    def remove(self) -> None:
-        self.engine.detach(self.step)
 
 
 @register_method("dart", family="pruning", config_cls=DARTConfig,

@@ -18,7 +18,7 @@ import torch
 from ..config import MethodConfig, check_ratio
 from ..flops import visual_keep_count
 from ..registry import register_method
-from .engine import PruningEngine, PruningStats, RatioStep, Request, StepResult
+from .engine import AttachedStep, PruningStats, RatioStep, Request, StepResult
 from .simignore import _true_positions
 
 
@@ -96,17 +96,9 @@ class DivPruneStep(RatioStep):
         self.stats.prefills += 1
 
 
-class AttachedDivPrune:
+class AttachedDivPrune(AttachedStep):
     def __init__(self, model, adapter, config: DivPruneConfig):
-        self.step = DivPruneStep(config)
-        self.engine = PruningEngine.attach(model, adapter, self.step)
-
-    @property
-    def stats(self) -> PruningStats:
-        return self.step.stats
-
-    def remove(self) -> None:
-        self.engine.detach(self.step)
+        self.attach_step(model, adapter, DivPruneStep(config))
 
 
 @register_method("divprune", family="pruning", config_cls=DivPruneConfig,

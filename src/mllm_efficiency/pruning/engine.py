@@ -96,6 +96,21 @@ class RatioStep(PruningStep):
         return any(k < n for k, n in zip(self._keep, counts))
 
 
+class AttachedStep:
+    """What `apply` returns for a method made of one pruning step: its stats, and `remove()`."""
+
+    def attach_step(self, model, adapter, step: PruningStep) -> None:
+        self.step = step
+        self.engine = PruningEngine.attach(model, adapter, step)
+
+    @property
+    def stats(self):
+        return self.step.stats
+
+    def remove(self) -> None:
+        self.engine.detach(self.step)
+
+
 @dataclasses.dataclass
 class Request:
     """State of one prefill forward while pruning acts on it."""

@@ -17,7 +17,7 @@ from ..errors import ConfigError, NoVisualTokensError
 from ..registry import register_method
 from ..adapters.base import token_spans  # re-exported: benchmarks import it from here
 from ..flops import visual_keep_count
-from .engine import PruningEngine, PruningStats, PruningStep, Request, StepResult
+from .engine import AttachedStep, PruningStats, PruningStep, Request, StepResult
 from ..core.attention_rows import key_scores
 from ..core.device import device_ints
 
@@ -216,7 +216,7 @@ def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores, descending=True, stable=True).indices[:k]
 
 
-class AttachedFastV:
+class AttachedFastV(AttachedStep):
     def __init__(self, model, adapter, config: FastVConfig):
         T = adapter.num_layers
         if config.k >= T:
@@ -231,15 +231,7 @@ class AttachedFastV:
         if config.mode == "mask":
             warnings.warn("FastV mode='mask' hides tokens as keys but computes every row: no speedup "
                           "(use mode='inplace' for real savings)", stacklevel=3)
-        self.step = FastVStep(config)
-        self.engine = PruningEngine.attach(model, adapter, self.step)
-
-    @property
-    def stats(self) -> FastVStats:
-        return self.step.stats
-
-    def remove(self) -> None:
-        self.engine.detach(self.step)
+        self.attach_step(model, adapter, FastVStep(config))
 
 
 @register_method("fastv", family="pruning", config_cls=FastVConfig,

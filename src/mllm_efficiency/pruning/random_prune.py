@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import MethodConfig, check_choice, check_int, check_ratio
-from ..errors import ConfigError
+from ..config import MethodConfig
 from ..registry import register_method
 from .fastv import AttachedFastV, FastVConfig
 
@@ -25,15 +24,7 @@ class RandomPruneConfig(MethodConfig):
     allow_text_only: bool = False
 
     def validate(self) -> None:
-        check_int("k", self.k, 0)
-        check_ratio("ratio", self.ratio)
-        check_choice("mode", self.mode, ("inplace", "mask"))
-        check_int("seed", self.seed)
-        if (self.image_token_start_index is None) != (self.image_token_length is None):
-            raise ConfigError("image_token_start_index and image_token_length must be given together")
-        if self.image_token_start_index is not None:
-            check_int("image_token_start_index", self.image_token_start_index, 0)
-            check_int("image_token_length", self.image_token_length, 1)
+        self.fastv_config()  # FastV's checks, field by field (same names, same messages)
 
     def fastv_config(self) -> FastVConfig:
         return FastVConfig(scorer="random", **dataclasses.asdict(self))

@@ -22,7 +22,7 @@ from ..errors import ConfigError, NoVisualTokensError
 from ..registry import register_method
 from ..core.context import ModelContext
 from ..core.device import device_ints
-from .engine import PruningEngine, PruningStats, PruningStep, Request, StepResult
+from .engine import AttachedStep, PruningStats, PruningStep, Request, StepResult
 from ..flops import visual_keep_count
 
 TEXT_SOURCES = ("text_after_image", "prompt", "span", "explicit")
@@ -194,23 +194,15 @@ class SimIgnoreStep(PruningStep):
         self.stats.prefills += 1
 
 
-class AttachedSimIgnore:
+class AttachedSimIgnore(AttachedStep):
     def __init__(self, model, adapter, config: SimIgnoreConfig):
         if config.action == "mask" and "flash" in (adapter.text_config._attn_implementation or ""):
             raise ConfigError("simignore action='mask' needs a 4-D attention mask: use 'sdpa' or 'eager'")
-        self.step = SimIgnoreStep(config, adapter.text_model.get_input_embeddings())
-        self.engine = PruningEngine.attach(model, adapter, self.step)
+        self.attach_step(model, adapter, SimIgnoreStep(config, adapter.text_model.get_input_embeddings()))
         self.step.host_values = ModelContext.of(adapter).host_values
-
-    @property
-    def stats(self) -> SimIgnoreStats:
-        return self.step.stats
 
     def set_text(self, token_ids) -> None:
         self.step.set_text(token_ids)
-
-    def remove(self) -> None:
-        self.engine.detach(self.step)
 
 
 @register_method("simignore", family="pruning", config_cls=SimIgnoreConfig,
