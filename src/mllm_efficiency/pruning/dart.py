@@ -127,16 +127,7 @@ class DARTStep(RatioStep):
             chosen = dart_select(states[b], visual[b], pivots, img_piv, pivot_quotas(targets[b] - p_img, p_img + p_txt))
             keep[b] = ~visual[b] | chosen
             kept_vis[b] = chosen
-        st = self.stats
-        st.num_visual, st.keep_count = counts, list(targets)
-        mask = torch.zeros(B, req.length + 1, dtype=torch.bool, device=hidden.device)
-        mask.scatter_(1, torch.where(req.valid, req.kept, req.length), kept_vis)
-        st.kept_visual_mask = mask[:, :req.length]
-        return StepResult(keep, list(targets))
-
-    def finish(self, req: Request, cache_lengths) -> None:
-        self.stats.cache_lengths = cache_lengths
-        self.stats.prefills += 1
+        return self.result(req, counts, targets, keep, kept_vis)
 
 
 class AttachedDART(AttachedStep):

@@ -84,16 +84,7 @@ class DivPruneStep(RatioStep):
             keep[b, pos] = chosen
             kept_vis[b, pos] = chosen
         self._keep = targets
-        st = self.stats
-        st.num_visual, st.keep_count = counts, list(targets)
-        mask = torch.zeros(req.batch, req.length + 1, dtype=torch.bool, device=hidden.device)
-        mask.scatter_(1, torch.where(req.valid, req.kept, req.length), kept_vis)
-        st.kept_visual_mask = mask[:, :req.length]
-        return StepResult(keep, list(targets))
-
-    def finish(self, req: Request, cache_lengths) -> None:
-        self.stats.cache_lengths = cache_lengths
-        self.stats.prefills += 1
+        return self.result(req, counts, targets, keep, kept_vis)
 
 
 class AttachedDivPrune(AttachedStep):

@@ -95,6 +95,21 @@ class RatioStep(PruningStep):
         st.num_visual, st.keep_count, st.kept_visual_mask, st.cache_lengths = counts, list(self._keep), visual, None
         return any(k < n for k, n in zip(self._keep, counts))
 
+    def result(self, req, counts: list[int], targets: list[int], keep: torch.Tensor,
+               kept_visual: torch.Tensor) -> StepResult:
+        """Record the kept set (slots `kept_visual` (B, Lcur), in original positions) in the stats and return the
+        step's result."""
+        st = self.stats
+        st.num_visual, st.keep_count = counts, list(targets)
+        mask = torch.zeros(req.batch, req.length + 1, dtype=torch.bool, device=kept_visual.device)
+        mask.scatter_(1, torch.where(req.valid, req.kept, req.length), kept_visual)
+        st.kept_visual_mask = mask[:, :req.length]
+        return StepResult(keep, list(targets))
+
+    def finish(self, req, cache_lengths) -> None:
+        self.stats.cache_lengths = cache_lengths
+        self.stats.prefills += 1
+
 
 class AttachedStep:
     """What `apply` returns for a method made of one pruning step: its stats, and `remove()`."""
