@@ -12,6 +12,7 @@ import torch
 
 import mllm_efficiency as me
 from conftest import CACHE_KW, cache_of, pad_left, text_model_of
+from test_kv import ids_of
 from mllm_efficiency.errors import ConfigError
 from mllm_efficiency.testing import tiny_llama_lm, tiny_qwen2_lm
 
@@ -27,10 +28,6 @@ def _quiet():
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         yield
-
-
-def ids_of(L: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 120, (1, L), generator=torch.Generator().manual_seed(seed))
 
 
 def keep_of(L: int, ratio: float) -> int:

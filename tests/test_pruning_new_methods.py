@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mllm_efficiency as me
+from mllm_efficiency.adapters import get_adapter
 from conftest import keep_rule, pad_left
 from mllm_efficiency.testing import IMAGE_TOKEN, llava_prompt
 
@@ -17,16 +18,8 @@ TOL = 1e-4
 
 
 def _inputs_embeds(model, prompt):
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured["e"] = kwargs["inputs_embeds"]
-
-    h = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    with torch.no_grad():
-        model(**prompt)
-    h.remove()
-    return captured["e"][0]
+    """Sample 0's embeddings at the LLM input (the adapter stops the wrapper's forward there)."""
+    return get_adapter(model).merged_inputs_embeds(**prompt)[0]
 
 
 def _cos(a, b) -> float:

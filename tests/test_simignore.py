@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import mllm_efficiency as me
+from mllm_efficiency.adapters import get_adapter
 from mllm_efficiency.pruning.simignore import walk_keep
 from mllm_efficiency.testing import llava_prompt, tiny_llava
 
@@ -46,16 +47,8 @@ def prompt():
 
 
 def _inputs_embeds(model, prompt):
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured["e"] = kwargs["inputs_embeds"]
-
-    h = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    with torch.no_grad():
-        model(**prompt)
-    h.remove()
-    return captured["e"][0]
+    """Sample 0's embeddings at the LLM input (the adapter stops the wrapper's forward there)."""
+    return get_adapter(model).merged_inputs_embeds(**prompt)[0]
 
 
 @torch.no_grad()
