@@ -2,7 +2,6 @@
 against plain-Python re-derivations from the papers, left-padded batches equal single runs."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
