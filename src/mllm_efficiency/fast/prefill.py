@@ -40,6 +40,7 @@ class ShapePlan:
         self.logits: torch.Tensor | None = None
         self.step_ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.step_pos: torch.Tensor | None = None
+        self.pos_shift: torch.Tensor | None = None  # (B, 1) tokens a renumbering step removed per row
         self.step_count = torch.zeros(1, dtype=torch.long, device=self.device)
         self.step_logits: torch.Tensor | None = None
         self.host_values: list = []
@@ -90,7 +91,13 @@ class ShapePlan:
             hidden = out.last_hidden_state[:, -1]
             logits = self.session.lm_head(hidden)
         mask2d = self.inputs.get("attention_mask") if self.padded else None
-        contents = [slot_contents(cache.layers[i], mask2d, self.batch) for i in range(adapter.num_layers)]
+        shift = _uniform_position_shift(cache.layers)
+        contents = [slot_contents(cache.layers[i], mask2d, self.batch, allow_shift=shift is not None)
+                    for i in range(adapter.num_layers)]
+        if shift is not None:  # a layer-0 step renumbered the positions of every layer: decode continues from there
+            if self.pos_shift is None:
+                self.pos_shift = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
+            self.pos_shift.copy_(shift.view(-1, 1).expand(self.batch, 1))
         if self.cache is None:
             self.step_count.zero_()
             layers = [SlotLayer(k, v, valid, k.shape[-2] + self.capacity_extra, self.step_count)
@@ -134,6 +141,8 @@ class ShapePlan:
     # ------------------------------------------------------------------------------------------- decode
     @torch.inference_mode()
     def start_decode(self, first_positions: torch.Tensor, first_ids: torch.Tensor) -> None:
+        if self.pos_shift is not None:
+            first_positions = first_positions - self.pos_shift
         if self.step_pos is None:
             self.step_pos = first_positions.clone()
             self._pos0 = first_positions.clone()
@@ -198,3 +207,15 @@ class ShapePlan:
     def path(self) -> str:
         """How the last prefill ran: 'graph' or 'eager'."""
         return "graph" if self.prefill_graph is not None else "eager"
+
+
+def _uniform_position_shift(layers):
+    """The per-row position shift when every layer's positions were renumbered by the same step (a step at
+    layer 0, e.g. the vision-side methods); None when no layer was renumbered. Layers renumbered from a later
+    layer on (FastV positions='renumber') decode at different positions per layer: `slot_contents` refuses them."""
+    from ..core.cache import TrackedLayer
+
+    shifts = [getattr(layer, "position_shift", None) if isinstance(layer, TrackedLayer) else None for layer in layers]
+    if shifts and all(s is not None for s in shifts) and all(s is shifts[0] for s in shifts):
+        return shifts[0]
+    return None

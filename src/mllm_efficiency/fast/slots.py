@@ -93,13 +93,14 @@ class SlotLayer(CacheLayerMixin):
         return per_slot * self.stored
 
 
-def slot_contents(layer, mask2d: torch.Tensor | None, B: int):
+def slot_contents(layer, mask2d: torch.Tensor | None, B: int, allow_shift: bool = False):
     """(keys, values, valid) of one prefill cache layer for the slot buffers: `valid` (B, S) or (B, Hkv, S) bool
     marks the slots decoding may attend (False: padding of a left-padded batch, a method's filler slots), None
-    when every slot is valid. Device ops only."""
+    when every slot is valid. Device ops only. Renumbered positions are refused unless the caller handles them
+    (`allow_shift`: the shift is the same for every layer, see `prefill.ShapePlan`)."""
     from ..core.cache import TrackedLayer
 
-    if isinstance(layer, TrackedLayer) and layer.position_shift is not None:
+    if isinstance(layer, TrackedLayer) and layer.position_shift is not None and not allow_shift:
         raise NotImplementedError("the slot decoder does not support renumbered positions (FastV positions="
                                   "'renumber'); use the default positions='original'")
     keys, values = layer.keys, layer.values

@@ -1,0 +1,109 @@
+"""PruMerge+ (Shang et al., arXiv 2403.15388): [CLS]-attention outliers plus uniform samples, merged with neighbours.
+
+Per image, at the vision layer LLaVA reads, with a = the [CLS] query's attention over the N patches (averaged
+over heads) and keep = round(N * (1 - ratio)) (static: the fast path can capture it):
+1. outliers: the patches with a > Q3 + 1.5 * (Q3 - Q1) (quartiles by linear interpolation, numpy's default);
+   if more than keep, the keep with the largest a;
+2. uniform samples: the remaining m = keep - #outliers slots go to patches spread evenly over the non-outlier
+   patches in raster order (rank r of the M non-outliers is taken when ceil(r*m/M) < ceil((r+1)*m/M): exactly
+   m picks, evenly spaced);
+3. merge: every kept patch p absorbs its k most similar pruned patches (cosine of the layer's keys, all heads
+   concatenated; k is clamped to the number of pruned patches): x_p <- sum_q a_q x_q / sum_q a_q over p and its
+   neighbours (the attention-weighted average).
+The LLM receives the keep merged tokens in raster order. Spec: docs/vision_side.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..config import MethodConfig, check_int, check_ratio
+from ..flops import visual_keep_count
+from ..registry import register_method
+from .vision_side import VisionSideMethod
+
+
+@dataclasses.dataclass(frozen=True)
+class PruMergePlusConfig(MethodConfig):
+    ratio: float = 0.75  # PruMerge+ keeps about a quarter of LLaVA-1.5's 576 tokens
+    k: int = 32  # pruned neighbours each kept token absorbs
+    allow_text_only: bool = False
+
+    def validate(self) -> None:
+        check_ratio("ratio", self.ratio)
+        check_int("k", self.k, 0)
+
+
+def quartiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q1, Q3 of each row of x (B, N) by linear interpolation (numpy's default); device ops only."""
+    s = x.sort(dim=1).values
+    N = x.shape[1]
+
+    def q(p):
+        pos = p * (N - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, N - 1)
+        return s[:, lo] + (s[:, hi] - s[:, lo]) * (pos - lo)
+
+    return q(0.25), q(0.75)
+
+
+def prumerge_plus_select(attn: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) bool kept patches (exactly `keep` per row) and (B, N) bool IQR outliers. Device ops only."""
+    B, N = attn.shape
+    q1, q3 = quartiles(attn)
+    outlier = attn > (q3 + 1.5 * (q3 - q1)).unsqueeze(1)
+    n_out = outlier.sum(1, keepdim=True)
+    m = (keep - n_out).clamp_min(0)
+    M = (N - n_out).clamp_min(1)
+    r = (~outlier).long().cumsum(1) - 1  # raster rank among the non-outliers
+
+    def ceil_div(a, b):
+        return (a + b - 1).div(b, rounding_mode="floor")
+
+    uniform = ~outlier & (ceil_div(r * m, M) < ceil_div((r + 1) * m, M))
+    priority = torch.where(outlier, 2.0 + attn.float(), uniform.float())  # outliers by attention, then samples
+    kept = torch.zeros(B, N, dtype=torch.bool, device=attn.device)
+    kept.scatter_(1, priority.topk(keep, dim=1).indices, True)
+    return kept, outlier
+
+
+def prumerge_plus_compress(feats: torch.Tensor, attn: torch.Tensor, keys: torch.Tensor, keep: int, k: int):
+    """feats (B, N, C), attn (B, N), keys (B, N, D) -> (fp32 features with the keep merged tokens first in raster
+    order, then the pruned ones; (B, N) bool kept patches)."""
+    B, N, C = feats.shape
+    kept, _ = prumerge_plus_select(attn, keep)
+    idx = torch.arange(N, device=feats.device)
+    order = torch.where(kept, idx, N + idx).argsort(dim=1)
+    kpos = order[:, :keep]  # (B, keep) kept positions, ascending
+    a = attn.float()
+    W = torch.zeros(B, keep, N, device=feats.device)
+    W.scatter_(2, kpos.unsqueeze(-1), a.gather(1, kpos).unsqueeze(-1))  # each kept token's own weight
+    kk = min(k, N - keep)
+    if kk:
+        kn = torch.nn.functional.normalize(keys.float(), dim=-1)
+        sim = kn.gather(1, kpos.unsqueeze(-1).expand(-1, -1, kn.shape[-1])) @ kn.transpose(1, 2)  # (B, keep, N)
+        near = sim.masked_fill(kept.unsqueeze(1), float("-inf")).topk(kk, dim=-1).indices  # pruned neighbours
+        W.scatter_(2, near, a.gather(1, near.flatten(1)).view(B, keep, kk))
+    merged = (W @ feats.float()) / W.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    out = feats.float().gather(1, order.unsqueeze(-1).expand(-1, -1, C))
+    return torch.cat([merged, out[:, keep:]], dim=1), kept
+
+
+class AttachedPruMergePlus(VisionSideMethod):
+    method_name = "prumerge_plus"
+
+    def output_count(self, num_patches: int) -> int:
+        return visual_keep_count(num_patches, self.config.ratio)
+
+    def compress(self, feats, attn, keys):
+        return prumerge_plus_compress(feats, attn, keys, self.keep, self.config.k)
+
+
+@register_method("prumerge_plus", family="pruning", config_cls=PruMergePlusConfig,
+                 summary="PruMerge+: per image, [CLS]-attention IQR outliers + uniform samples, each merged with "
+                         "its nearest pruned patches (vision side, before the projector)")
+def attach_prumerge_plus(model, adapter, config: PruMergePlusConfig) -> AttachedPruMergePlus:
+    return AttachedPruMergePlus(model, adapter, config)
