@@ -24,9 +24,20 @@ _ONE_PER_MODEL = {
 }
 # frozenset({a, b}) -> why they cannot share a model
 _CMC = "cmc emulates matching over the full-length sequence; methods that remove or merge tokens break its row map"
+_VISION_SIDE = ("the vision-side methods hand the LLM a shorter, reordered set of tokens per image at layer 0; "
+                "{other} {why}")
 _EXCLUSIVE: dict[frozenset, str] = {
     **{frozenset({"cmc", other}): _CMC for other in ("fastv", "random_prune", "simignore", "focus", "framefusion", "adaptiv",
-                                                            "divprune", "dart", "pdrop")},
+                                                            "divprune", "dart", "pdrop", "visionzip",
+                                                            "prumerge_plus")},
+    frozenset({"visionzip", "prumerge_plus"}): "both rewrite the vision features the projector receives",
+    **{frozenset({vision, other}): _VISION_SIDE.format(other=other, why=why)
+       for vision in ("visionzip", "prumerge_plus")
+       for other, why in (("divprune", "also removes visual tokens at the input of layer 0"),
+                          ("simignore", "also removes or hides visual tokens at the input of layer 0"),
+                          ("focus", "matches tokens on the full patch grid of each image"),
+                          ("framefusion", "matches tokens on the full patch grid of each image"),
+                          ("adaptiv", "matches neighbours on the full patch grid at layer 0"))},
     frozenset({"adaptiv", "divprune"}): "adaptiv matches neighbours on the full frame grid at layer 0; divprune "
                                         "removes visual tokens at the input of layer 0",
     frozenset({"focus", "framefusion"}): "both rewrite the visual tokens of the same early layers",
@@ -43,6 +54,10 @@ _EXCLUSIVE_WHEN: dict[frozenset, tuple] = {
                                       _ADAPTIV.format("fastv k=0 removes tokens before it")),
     frozenset({"adaptiv", "random_prune"}): (lambda c: c["random_prune"].k == 0,
                                              _ADAPTIV.format("random_prune k=0 removes tokens before it")),
+    **{frozenset({vision, other}): (lambda c, o=other: c[o].k == 0,
+                                    _VISION_SIDE.format(other=other, why="with k=0 also removes visual tokens at "
+                                                                         "the input of layer 0"))
+       for vision in ("visionzip", "prumerge_plus") for other in ("fastv", "random_prune")},
 }
 
 _attached: "weakref.WeakKeyDictionary[object, list[tuple]]" = weakref.WeakKeyDictionary()
