@@ -21,8 +21,11 @@ SETTINGS = {  # tiny-model settings; every other method runs with its defaults
     "focus": dict(selected_layers=(0, 1), alpha_list=(0.5, 0.25)),
     "qllm": dict(on_missing_question="infllm"),
 }
-METHODS = me.available_methods()
+VISION_SIDE = ("visionzip", "prumerge_plus")  # LLaVA-1.5-style models only: their pairs run on the tiny LLaVA below
+METHODS = [m for m in me.available_methods() if m not in VISION_SIDE]
 PAIRS = [(a, b) for a in METHODS for b in METHODS]
+VISION_PAIRS = [(a, b) for a in VISION_SIDE for b in me.available_methods()] + \
+    [(b, a) for a in VISION_SIDE for b in me.available_methods() if b not in VISION_SIDE]
 
 
 def _apply(model, name):
@@ -73,6 +76,22 @@ def test_pair_runs_or_is_refused_cleanly(ov, ov_prompt, plain, first, second):
         h1.remove()
     assert model_state(ov) == plain[1]
     assert torch.equal(_logits(ov, ov_prompt), plain[0])
+
+
+@pytest.fixture(scope="module")
+def vl():
+    from mllm_efficiency.testing import llava_prompt, tiny_llava
+
+    model = tiny_llava(num_layers=4)
+    ids, pv = llava_prompt(num_images=2, seed=1)
+    prompt = dict(input_ids=ids, pixel_values=pv)
+    return model, prompt, _logits(model, prompt), model_state(model)
+
+
+@pytest.mark.parametrize("first,second", VISION_PAIRS, ids=[f"{a}+{b}" for a, b in VISION_PAIRS])
+def test_vision_side_pair_runs_or_is_refused_cleanly(vl, first, second):
+    model, prompt, logits, state = vl
+    test_pair_runs_or_is_refused_cleanly(model, prompt, (logits, state), first, second)
 
 
 @pytest.mark.parametrize("first,second", [("fastv", "fastv"), ("cmc", "cmc"), ("adaptiv", "adaptiv"),

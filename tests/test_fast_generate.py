@@ -69,6 +69,8 @@ METHODS = [
     ("keydiff", dict(ratio=0.5)),
     ("expected_attention", dict(ratio=0.5)),
     ("random_prune", dict(ratio=0.5)),
+    ("visionzip", dict(ratio=0.5)),
+    ("prumerge_plus", dict(ratio=0.75)),
 ]
 
 
@@ -268,7 +270,8 @@ CAPTURABLE = [(None, {}), ("fastv", dict(k=2, ratio=0.75)), ("fastv", dict(k=2, 
               ("simignore", dict(keep=5, text_source="explicit", text_token_ids=(10, 11))),
               ("divprune", dict(ratio=0.5)), ("dart", dict(ratio=0.5, k=2)),
               ("pdrop", dict(ratio=0.5, layer_list=(1, 2))), ("tova", dict(ratio=0.5)), ("keydiff", dict(ratio=0.5)),
-              ("expected_attention", dict(ratio=0.5))]
+              ("expected_attention", dict(ratio=0.5)), ("visionzip", dict(ratio=0.5)),
+              ("prumerge_plus", dict(ratio=0.75))]
 
 
 @pytest.mark.parametrize("padded", [False, True])
