@@ -134,6 +134,22 @@ def test_cls_row_equals_the_towers_eager_attention(prompt):
         assert torch.allclose(h.stats.cls_attention, expected, atol=1e-6)
 
 
+def test_patch_embedding_features_are_scored_by_the_first_layer(prompt):
+    """vision_feature_layer pointing at the patch embeddings (the embedded shapes-vlm's setting): no layer produced
+    them, so the row is the [CLS] attention of layer 0, the layer that reads them."""
+    eager = tiny_llava(num_layers=4, attn_implementation={"text_config": "sdpa", "vision_config": "eager"})
+    sdpa = tiny_llava(num_layers=4)
+    n = len(sdpa.model.vision_tower.vision_model.encoder.layers if hasattr(sdpa.model.vision_tower, "vision_model")
+            else sdpa.model.vision_tower.encoder.layers)
+    for m in (eager, sdpa):
+        m.config.vision_feature_layer = -(n + 1)  # hidden_states[0]: the embeddings
+    out = eager.model.vision_tower(prompt["pixel_values"], output_attentions=True)
+    expected = out.attentions[0][:, :, 0, 1:].mean(1)
+    with me.apply(sdpa, "prumerge_plus", ratio=0.5) as h:
+        sdpa(**prompt)
+        assert torch.allclose(h.stats.cls_attention, expected, atol=1e-6)
+
+
 def _reference_logits(model, prompt, method, cfg, keep):
     """The unmodified model fed only the compressed tokens: K placeholders per image whose embeddings are the
     projector applied to the reference rule's tokens (computed from the tower's own eager attention)."""

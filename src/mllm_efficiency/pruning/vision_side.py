@@ -197,9 +197,12 @@ def _llava_parts(model, adapter, name: str):
                                      "('default': the patch tokens without [CLS])")
     n = len(body.encoder.layers)
     idx = n + layer if layer < 0 else layer - 1  # hidden_states[i] is the output of encoder layer i - 1
+    if idx == -1:
+        # the features are the patch embeddings, which no attention layer produced: score them with the
+        # attention of the first layer, the one that reads them
+        idx = 0
     if not 0 <= idx < n:
-        raise UnsupportedMethodError(f"{name}: vision_feature_layer={layer} reads the patch embeddings, which "
-                                     "no attention layer produced")
+        raise UnsupportedMethodError(f"{name}: vision_feature_layer={layer} is outside the tower's {n} layers")
     return inner, body, idx
 
 
