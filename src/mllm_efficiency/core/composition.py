@@ -26,7 +26,7 @@ _ONE_PER_MODEL = {
 _CMC = "cmc emulates matching over the full-length sequence; methods that remove or merge tokens break its row map"
 _EXCLUSIVE: dict[frozenset, str] = {
     **{frozenset({"cmc", other}): _CMC for other in ("fastv", "random_prune", "simignore", "focus", "framefusion", "adaptiv",
-                                                            "divprune", "dart", "pdrop")},
+                                                            "divprune", "dart", "pdrop", "sparsevlm")},
     frozenset({"adaptiv", "divprune"}): "adaptiv matches neighbours on the full frame grid at layer 0; divprune "
                                         "removes visual tokens at the input of layer 0",
     frozenset({"focus", "framefusion"}): "both rewrite the visual tokens of the same early layers",
