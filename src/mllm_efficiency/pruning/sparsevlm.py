@@ -463,6 +463,10 @@ class AttachedSparseVLM:
         self.shared = _Shared(config, layers, T, None, ratio)
         self.steps = [RaterStep(self.shared, self.stats)]
         self.steps += [StageStep(self.shared, self.stats, s) for s in range(len(layers))]
+        if config.positions == "renumber":  # the fast path's slot decoder keeps the original positions
+            for step in self.steps:
+                step.fast_decode = False
+                step.fast_decode_reason = "positions='renumber': the slot decoder keeps original positions"
         self.engine = None
         for step in self.steps:
             self.engine = PruningEngine.attach(model, adapter, step)
