@@ -32,6 +32,8 @@ _EXCLUSIVE: dict[frozenset, str] = {
     frozenset({"focus", "framefusion"}): "both rewrite the visual tokens of the same early layers",
     frozenset({"dart", "focus"}): "focus fixes its kept set one layer ahead, over slots dart removes at the same "
                                   "layer",
+    frozenset({"focus", "sparsevlm"}): "focus fixes its kept set one layer ahead, over slots sparsevlm removes or "
+                                       "merges at the same layer",
 }
 
 _ADAPTIV = "adaptiv matches neighbours on the full frame grid at layer 0; {}"

@@ -29,7 +29,8 @@ Per-layer budgets k_s, in order of precedence:
 - `ratio` (default 0.778, i.e. 128 of 576 equivalent tokens): k_s = round(N * lam^s) with lam chosen so that
   the visual tokens alive per layer (recycled ones included), averaged over the T decoder layers, are closest to
   (1 - ratio) N: [(l_1 + 1) N + sum_s (l_{s+1} - l_s) a_s] / T with a_s = k_s + c_s and l_{S+1} = T - 1.
-  ratio 0 keeps everything (the model's outputs are unchanged).
+  ratio 0 keeps everything (the model's outputs are unchanged). Ratios above 1 - (l_1 + 1) / T are unreachable
+  (refused); the default is capped there on shallow models.
 The paper's adaptive per-layer count (from the rank of the rater attention matrix) reads data-dependent numbers on
 the host; it is not implemented: the schedule is static (fixed by N), so the prefill can be graph-captured.
 Spec: docs/token_pruning.md.
