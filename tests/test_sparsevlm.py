@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from conftest import pad_left
 
 import mllm_efficiency as me
 from mllm_efficiency.adapters import get_adapter
 from mllm_efficiency.errors import NoVisualTokensError
 from mllm_efficiency.testing import IMAGE_TOKEN, llava_prompt
-from conftest import pad_left
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -126,8 +126,8 @@ def _reference(model, ids: torch.Tensor, pv: torch.Tensor, prompt_len: int, laye
         mask = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
         attn = layer.self_attn
         got = {}
-        hq = attn.q_proj.register_forward_hook(lambda mod, a, o: got.__setitem__("q", o))
-        hk = attn.k_proj.register_forward_hook(lambda mod, a, o: got.__setitem__("k", o))
+        hq = attn.q_proj.register_forward_hook(lambda mod, a, o, got=got: got.__setitem__("q", o))
+        hk = attn.k_proj.register_forward_hook(lambda mod, a, o, got=got: got.__setitem__("k", o))
         out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
         hq.remove()
         hk.remove()
@@ -142,8 +142,13 @@ def _reference(model, ids: torch.Tensor, pv: torch.Tensor, prompt_len: int, laye
 
 # ----------------------------------------------------------------------------------------- unit rules
 def test_schedule_helpers():
-    from mllm_efficiency.pruning.sparsevlm import (alive_after, average_tokens, budgets_for_ratio, default_layers,
-                                                   recycle_counts)
+    from mllm_efficiency.pruning.sparsevlm import (
+        alive_after,
+        average_tokens,
+        budgets_for_ratio,
+        default_layers,
+        recycle_counts,
+    )
 
     assert default_layers(32) == (2, 6, 15) and default_layers(4) == (0, 1, 2) and default_layers(2) == (0,)
     assert recycle_counts(510, 0.3, 0.1) == _counts(510) == (154, 16)
@@ -333,9 +338,8 @@ def test_bad_config(llava, bad):
 @torch.no_grad()
 def test_text_only_prompt(llava):
     ids = torch.tensor([[1, 10, 11, 12, 13]])
-    with me.apply(llava, "sparsevlm", ratio=0.5):
-        with pytest.raises(NoVisualTokensError):
-            llava(input_ids=ids)
+    with me.apply(llava, "sparsevlm", ratio=0.5), pytest.raises(NoVisualTokensError):
+        llava(input_ids=ids)
     base = llava(input_ids=ids).logits
     with me.apply(llava, "sparsevlm", ratio=0.5, allow_text_only=True):
         assert torch.equal(llava(input_ids=ids).logits, base)

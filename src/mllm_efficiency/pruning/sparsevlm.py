@@ -48,7 +48,14 @@ from ..core.attention_rows import ROW_CHUNK, attention_rows
 from ..core.context import ModelContext
 from ..errors import ConfigError, NoVisualTokensError
 from ..registry import register_method
-from .engine import PruningEngine, PruningStats, PruningStep, Request, StepResult, _to_original
+from .engine import (
+    PruningEngine,
+    PruningStats,
+    PruningStep,
+    Request,
+    StepResult,
+    _to_original,
+)
 from .simignore import _true_positions
 
 # The authors' LLaVA-1.5 schedules (576 visual tokens, pruning after layers 2, 6, 15 of 32): top-k kept per stage.
@@ -187,7 +194,7 @@ def select_raters(hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor
 def rater_scores(query, key, attention_mask, rater_rows: torch.Tensor, scaling: float) -> torch.Tensor:
     """(B, Lk): attention of the rater rows (bool (B, Tq) over the last Tq query rows) to every key, mean over
     heads and raters."""
-    B, H, Lq, _ = query.shape
+    B, _, Lq, _ = query.shape
     Tq = rater_rows.shape[1]
     w = rater_rows.float()
     total = torch.zeros(B, key.shape[2], dtype=torch.float32, device=query.device)
@@ -321,7 +328,7 @@ class RaterStep(PruningStep):
         visual = req.visual.gather(1, req.kept) & req.valid
         if req.hidden_keys is not None:
             visual &= ~req.hidden_keys.gather(1, req.kept)
-        B, Lcur = visual.shape
+        Lcur = visual.shape[1]
         idx = torch.arange(Lcur, device=visual.device)
         last = torch.where(visual, idx, -1).amax(1, keepdim=True)
         text = req.valid & ~visual & (idx.unsqueeze(0) > last)
