@@ -65,6 +65,8 @@ METHODS = [
     ("divprune", dict(ratio=0.5)),
     ("dart", dict(ratio=0.5, k=2)),
     ("pdrop", dict(ratio=0.5, layer_list=(1, 2))),
+    ("sparsevlm", dict(ratio=0.5)),
+    ("sparsevlm", dict(sparse_token_list=(12, 6, 3), recycle_ratio=0.5)),
     ("tova", dict(ratio=0.5)),
     ("keydiff", dict(ratio=0.5)),
     ("expected_attention", dict(ratio=0.5)),
@@ -269,7 +271,8 @@ CAPTURABLE = [(None, {}), ("fastv", dict(k=2, ratio=0.75)), ("fastv", dict(k=2, 
               ("simignore", dict(ratio=0.5)), ("simignore", dict(ratio=0.5, action="mask", text_source="prompt")),
               ("simignore", dict(keep=5, text_source="explicit", text_token_ids=(10, 11))),
               ("divprune", dict(ratio=0.5)), ("dart", dict(ratio=0.5, k=2)),
-              ("pdrop", dict(ratio=0.5, layer_list=(1, 2))), ("tova", dict(ratio=0.5)), ("keydiff", dict(ratio=0.5)),
+              ("pdrop", dict(ratio=0.5, layer_list=(1, 2))), ("sparsevlm", dict(ratio=0.5)),
+              ("tova", dict(ratio=0.5)), ("keydiff", dict(ratio=0.5)),
               ("expected_attention", dict(ratio=0.5)), ("visionzip", dict(ratio=0.5)),
               ("prumerge_plus", dict(ratio=0.75))]
 

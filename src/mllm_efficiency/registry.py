@@ -32,7 +32,7 @@ def register_method(name: str, *, family: str, config_cls: type, summary: str):
 
 
 # Packages whose import registers methods (their @register_method decorators run on import).
-_METHOD_PACKAGES = ("pruning.fastv", "pruning.random_prune", "pruning.simignore", "pruning.divprune", "pruning.dart", "pruning.pdrop", "pruning.visionzip", "pruning.prumerge", "kv", "memory", "video")
+_METHOD_PACKAGES = ("pruning.fastv", "pruning.random_prune", "pruning.simignore", "pruning.divprune", "pruning.dart", "pruning.pdrop", "pruning.visionzip", "pruning.prumerge", "pruning.sparsevlm", "kv", "memory", "video")
 
 
 def _load_builtin_methods() -> None:

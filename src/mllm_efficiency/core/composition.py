@@ -29,7 +29,7 @@ _VISION_SIDE = ("the vision-side methods hand the LLM a shorter, reordered set o
 _EXCLUSIVE: dict[frozenset, str] = {
     **{frozenset({"cmc", other}): _CMC for other in ("fastv", "random_prune", "simignore", "focus", "framefusion", "adaptiv",
                                                             "divprune", "dart", "pdrop", "visionzip",
-                                                            "prumerge_plus")},
+                                                            "prumerge_plus", "sparsevlm")},
     frozenset({"visionzip", "prumerge_plus"}): "both rewrite the vision features the projector receives",
     **{frozenset({vision, other}): _VISION_SIDE.format(other=other, why=why)
        for vision in ("visionzip", "prumerge_plus")
@@ -43,6 +43,8 @@ _EXCLUSIVE: dict[frozenset, str] = {
     frozenset({"focus", "framefusion"}): "both rewrite the visual tokens of the same early layers",
     frozenset({"dart", "focus"}): "focus fixes its kept set one layer ahead, over slots dart removes at the same "
                                   "layer",
+    frozenset({"focus", "sparsevlm"}): "focus fixes its kept set one layer ahead, over slots sparsevlm removes or "
+                                       "merges at the same layer",
 }
 
 _ADAPTIV = "adaptiv matches neighbours on the full frame grid at layer 0; {}"

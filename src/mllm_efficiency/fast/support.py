@@ -19,7 +19,8 @@ def unsupported_reason(model, adapter, lm_head) -> str | None:
         return "a long-context memory method (it runs its own chunked prefill and block retrieval)"
     for step in getattr(pruning_engine(adapter), "steps", ()):
         if not getattr(step, "fast_decode", True):
-            return f"{getattr(step, 'method_name', type(step).__name__)} (its decode steps need the model's own loop)"
+            why = getattr(step, "fast_decode_reason", None) or "its decode steps need the model's own loop"
+            return f"{getattr(step, 'method_name', type(step).__name__)} ({why})"
     kv = kv_engine(adapter)
     policy = getattr(kv, "policy", None)
     if policy is not None and policy.config.decode != "none":
