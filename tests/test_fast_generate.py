@@ -216,6 +216,16 @@ def test_decode_eviction_and_memory_fall_back(fresh_llava, image_prompt):
     assert session_for(fresh_llava).unsupported_reason() is None
 
 
+def test_renumbered_positions_after_layer0_fall_back(fresh_llava, image_prompt):
+    """FastV positions='renumber' at K > 0 leaves layers < K at the original positions: the slot decoder cannot
+    decode that, so auto falls back to model.generate (same tokens) and fast=True says why."""
+    with me.apply(fresh_llava, "fastv", k=2, ratio=0.5, positions="renumber"):
+        ref, got = both(fresh_llava, **image_prompt)
+        assert torch.equal(got, ref)
+        with pytest.raises(ConfigError, match="renumber"):
+            me.generate(fresh_llava, max_new_tokens=4, fast=True, **image_prompt)
+
+
 def test_plans_are_reused_per_shape_and_dropped_on_method_change(fresh_llava):
     one = dict(zip(("input_ids", "pixel_values"), llava_prompt(num_images=1, seed=0)))
     two = dict(zip(("input_ids", "pixel_values"), llava_prompt(num_images=2, seed=0)))

@@ -18,9 +18,14 @@ def unsupported_reason(model, adapter, lm_head) -> str | None:
     if memory_engine(adapter) is not None:
         return "a long-context memory method (it runs its own chunked prefill and block retrieval)"
     for step in getattr(pruning_engine(adapter), "steps", ()):
+        name = getattr(step, "method_name", type(step).__name__)
         if not getattr(step, "fast_decode", True):
             why = getattr(step, "fast_decode_reason", None) or "its decode steps need the model's own loop"
-            return f"{getattr(step, 'method_name', type(step).__name__)} ({why})"
+            return f"{name} ({why})"
+        if getattr(step, "mode", None) == "inplace" and getattr(step, "positions", None) == "renumber" \
+                and (getattr(step, "layer", None) or 0) > 0:
+            return (f"{name} (positions='renumber' from layer {step.layer} on: the layers before it keep the "
+                    "original positions, and the slot decoder decodes every layer at one position)")
     kv = kv_engine(adapter)
     policy = getattr(kv, "policy", None)
     if policy is not None and policy.config.decode != "none":
