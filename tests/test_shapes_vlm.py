@@ -95,14 +95,14 @@ def test_fast_training_encoding_equals_the_processor(train_script, backbone):
 
     processor = llava_processor(tok, shapes_vlm.IMAGE_SIZE, shapes_vlm.PATCH_SIZE, image_token)
     end_ids = tok.encode("<|im_end|>", add_special_tokens=False)
-    for i in range(12):
-        s = synthetic.make_sample(i, 0, "train")
+    clips = [synthetic.make_video_sample(i, 0, "train", frames=3) for i in range(4)]
+    for s in [synthetic.make_sample(i, 0, "train") for i in range(12)] + clips:
         ids, labels, pixels = train_script.encode(s, processor, image_token, shapes_vlm.tokens_per_image(), end_ids)
-        enc = processor(images=[synthetic.render(s)], text=prompt_of(processor, s), return_tensors="pt")
+        enc = processor(images=synthetic.render_frames(s), text=prompt_of(processor, s), return_tensors="pt")
         n = enc["input_ids"].shape[1]
         assert ids[:n].tolist() == enc["input_ids"][0].tolist()
         assert (labels[:n] == -100).all() and tok.decode(labels[n:]).startswith(s.answer)
-        assert torch.equal(pixels, enc["pixel_values"][0])
+        assert torch.equal(pixels, enc["pixel_values"]) and pixels.shape[0] == s.frames
 
 
 def test_training_smoke_run_saves_loadable_parts(train_script, tmp_path):
