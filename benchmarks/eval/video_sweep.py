@@ -250,7 +250,12 @@ def main(argv=None) -> int:
     num_visual = args.frames * model.config.image_seq_length
     for label, ratio, name, kw in configs:
         t = time.time()
-        got = run_config(model, proc, samples, batches, name, kw, max_new, shape)
+        try:
+            got = run_config(model, proc, samples, batches, name, kw, max_new, shape)
+        except Exception as exc:  # one failing configuration must not cost the others (a GPU run is one shot)
+            print(f"{label} @ {ratio:g} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            rows.append({"method": label, "ratio": ratio, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         removed = got["removed_fraction"] or 0.0
         row = {"method": label, "ratio": ratio, "removed_fraction": got["removed_fraction"],
                "mean_kept_tokens": num_visual * (1 - removed), "tflops": got["tflops"],
@@ -266,11 +271,14 @@ def main(argv=None) -> int:
     info = {"task": TASK, "n": n, "frames": args.frames, "tokens_per_frame": model.config.image_seq_length,
             "k": args.k, "seed": args.seed, "device": args.device, "dtype": str(dtype), "tiny": args.tiny,
             "weights": args.weights, "backbone": args.backbone, "seconds": round(time.time() - t0, 1),
-            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None, "rows": rows}
-    (out / "results.json").write_text(json.dumps(info, indent=1))
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+    failed = [r for r in rows if "error" in r]
+    rows = info["rows"] = [r for r in rows if "error" not in r]
     qcols = [f"acc_{q}" for q in synthetic.VIDEO_QUESTION_TYPES if any(f"acc_{q}" in r for r in rows)]
-    cols = ["method", "ratio", "removed_fraction", "tflops", "acc_all", *qcols, "seconds"]
-    base = rows[0]["acc_all"]
+    for r in rows:
+        r["gflops"] = r["tflops"] * 1e3 if r.get("tflops") is not None else None
+    cols = ["method", "ratio", "removed_fraction", "gflops", "acc_all", *qcols, "seconds"]
+    base = rows[0]["acc_all"] if rows and rows[0]["method"] == "vanilla" else float("nan")
     verdict = []
     for r in ratios:
         rnd = next((x for x in rows if x["method"] == "random_prune" and x["ratio"] == r), None)
@@ -283,8 +291,13 @@ def main(argv=None) -> int:
     md = (f"# {TASK}: accuracy vs ratio ({n} held-out clips of {args.frames} frames x "
           f"{model.config.image_seq_length} tokens, vanilla {base:.3f})\n\n" + markdown_table(rows, cols, 3)
           + "\n\n`ratio`: requested; `removed_fraction`: what the method reports (layer-averaged share of the "
-          "visual tokens removed); `tflops`: theoretical LLM prefill TFLOPs per answer. fastv / random_prune: "
+          "visual tokens removed); `gflops`: theoretical LLM prefill GFLOPs per answer. fastv / random_prune: "
           f"K={args.k}, R removed from layer K on.\n\n" + "\n".join(verdict) + "\n")
+    if failed:
+        md += "\nFailed configurations:\n" + "\n".join(f"- {r['method']} @ {r['ratio']:g}: {r['error']}"
+                                                     for r in failed) + "\n"
+    info["failed"] = failed
+    (out / "results.json").write_text(json.dumps(info, indent=1))
     notes = sorted({nt for r in rows for nt in r.get("notes", [])})
     if notes:
         md += "\nNotes from the methods:\n" + "\n".join(f"- {nt}" for nt in notes) + "\n"
