@@ -10,6 +10,13 @@ CPU check (a few steps, prints loss and held-out accuracy):
     PYTHONPATH=src python scripts/train_tiny_vlm.py --smoke --out /tmp/shapes_smoke
 Pipeline test without the real backbone (seconds):
     PYTHONPATH=src python scripts/train_tiny_vlm.py --smoke --backbone tiny --out /tmp/shapes_tiny
+Video (shapes_video clips, `synthetic.make_video_sample`): `--video-fraction F` adds a batch of
+`--video-batch-size` clips of `--video-frames` frames to every step (loss = (1 - F) x image loss + F x clip loss;
+F = 1: clips only). Held-out accuracy is then reported for images and clips separately. Fine-tuning the stored
+weights to video on one H100 (~6 min; benchmarks/video/gpu_train_video.sh):
+    PYTHONPATH=src python scripts/train_tiny_vlm.py --backbone /tmp/smol.gguf --init src/mllm_efficiency/eval/assets/shapes_vlm \
+        --vision-layers 1 --vision-feature-layer 0 --lora-rank 16 --lora-alpha 32 --video-fraction 0.5 \
+        --batch-size 128 --video-batch-size 64 --max-minutes 6 --warmup 30 --workers 12 --out $OUT/shapes_vlm
 
 Only the trained parts are written (fp16 safetensors + train_info.json with the command, seed and accuracy), also
 every --save-every minutes while training, so a run cut short still leaves weights; `--init DIR` continues from
@@ -68,11 +75,18 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--smoke", action="store_true", help="a few small steps (CPU check)")
+    p.add_argument("--video-fraction", type=float, default=0.0,
+                   help="weight of the shapes_video clips in the loss (0: images only, 1: clips only); > 0 adds a "
+                        "clip batch to every step")
+    p.add_argument("--video-frames", type=int, default=synthetic.VIDEO_FRAMES, help="frames per clip")
+    p.add_argument("--video-batch-size", type=int, default=64, help="clips per step (each frames x 64 tokens)")
+    p.add_argument("--video-eval-samples", type=int, default=400, help="held-out clips scored at the end")
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch_size, args.warmup = min(args.steps, 30), min(args.batch_size, 8), 5
         args.eval_samples, args.workers, args.log_every = min(args.eval_samples, 24), 0, 5
         args.eval_every = min(args.eval_every, 15)
+        args.video_batch_size, args.video_eval_samples = min(args.video_batch_size, 4), min(args.video_eval_samples, 8)
     for name in ("steps", "batch_size", "eval_samples", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -80,6 +94,12 @@ def parse_args(argv=None):
         p.error("--vision-layers must be >= 1")
     if args.lora_rank < 0:
         p.error("--lora-rank must be >= 0")
+    if not 0.0 <= args.video_fraction <= 1.0:
+        p.error("--video-fraction must be in [0, 1]")
+    if not 2 <= args.video_frames <= 16:
+        p.error("--video-frames must be in [2, 16]")
+    if args.video_batch_size < 1 or args.video_eval_samples < 1:
+        p.error("--video-batch-size and --video-eval-samples must be >= 1")
     return args
 
 
@@ -146,14 +166,15 @@ class LoRA(torch.nn.Module):
 
 
 def encode(sample, processor, image_token: str, n_image_tokens: int, end_ids: list[int]):
-    """(ids, labels, pixels) of one training example; equals the processor's encoding (tested), but faster."""
+    """(ids, labels, pixels: one row per frame) of one training example (an image or a clip); equals the
+    processor's encoding (tested), but faster."""
     tok = processor.tokenizer
     prompt = prompt_of(processor, sample).replace(image_token, image_token * n_image_tokens)
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     ans = tok.encode(sample.answer, add_special_tokens=False) + end_ids
     size = processor.image_processor.size["height"]
-    pixels = pixel_values(synthetic.render_frames(sample, size), size)
-    return torch.tensor(ids + ans), torch.tensor([-100] * len(ids) + ans), pixels[0]
+    pixels = pixel_values(synthetic.render_frames(sample, size), size)  # (frames, 3, size, size)
+    return torch.tensor(ids + ans), torch.tensor([-100] * len(ids) + ans), pixels
 
 
 class ShapesStream(torch.utils.data.IterableDataset):
@@ -163,10 +184,11 @@ class ShapesStream(torch.utils.data.IterableDataset):
     cycle, e.g. 8 workers, would give batches of one type)."""
 
     def __init__(self, processor, image_token: str, n_image_tokens: int, seed: int, start: int = 0,
-                 block: int = 64):
+                 block: int = 64, video_frames: int | None = None):
         self.processor, self.image_token, self.n, self.seed, self.start = processor, image_token, n_image_tokens, \
             seed, start
         self.block = block
+        self.video_frames = video_frames  # None: images; else clips of this many frames (shapes_video)
         self.end_ids = processor.tokenizer.encode("<|im_end|>", add_special_tokens=False)
 
     def indices(self, wid: int, nw: int):
@@ -179,8 +201,12 @@ class ShapesStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         for i in self.indices(wid, nw):
-            yield encode(synthetic.make_sample(i, self.seed, "train"), self.processor, self.image_token, self.n,
-                         self.end_ids)
+            yield encode(self.sample(i), self.processor, self.image_token, self.n, self.end_ids)
+
+    def sample(self, i: int):
+        if self.video_frames is None:
+            return synthetic.make_sample(i, self.seed, "train")
+        return synthetic.make_video_sample(i, self.seed, "train", frames=self.video_frames)
 
 
 def collate(batch, pad_id: int):
@@ -190,7 +216,7 @@ def collate(batch, pad_id: int):
     mask = torch.zeros((len(batch), L), dtype=torch.long)
     for b, (x, y, _) in enumerate(batch):
         ids[b, :len(x)], labels[b, :len(y)], mask[b, :len(x)] = x, y, 1
-    return ids, labels, mask, torch.stack([x[2] for x in batch])
+    return ids, labels, mask, torch.cat([x[2] for x in batch])  # every sample's frames, in order
 
 
 def answer_logits(model, ids, mask, pixels, labels):
@@ -261,17 +287,31 @@ def main(argv=None) -> int:
 
     pad = tok.pad_token_id
     start = 0 if not args.init else 10_000_000  # a continued run sees new training scenes
-    loader = torch.utils.data.DataLoader(ShapesStream(processor, image_token, n_img, args.seed, start,
-                                                     block=args.batch_size),
-                                         batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=lambda b: collate(b, pad), persistent_workers=args.workers > 0,
-                                         pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else None)
+    fv = args.video_fraction
+    use_images, use_video = fv < 1.0, fv > 0.0
+    video_workers = 0 if not args.workers else (max(1, args.workers * 2 // 3) if use_images else args.workers)
+    image_workers = args.workers - video_workers if use_video else args.workers
+
+    def make_loader(batch_size: int, workers: int, frames: int | None):
+        return torch.utils.data.DataLoader(
+            ShapesStream(processor, image_token, n_img, args.seed, start, block=batch_size, video_frames=frames),
+            batch_size=batch_size, num_workers=workers, collate_fn=lambda b: collate(b, pad),
+            persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers else None)
+
+    image_loader = make_loader(args.batch_size, image_workers, None) if use_images else None
+    video_loader = make_loader(args.video_batch_size, video_workers, args.video_frames) if use_video else None
     end_ids = tok.encode("<|im_end|>", add_special_tokens=False)
     val = [synthetic.make_sample(i, args.seed, "val") for i in range(256 if not args.smoke else 16)]
     val_batch = collate([encode(s, processor, image_token, n_img, end_ids) for s in val], pad)
     val_types = [s.qtype for s in val]
+    vval_batch = vval_types = None
+    if use_video:
+        vval = synthetic.make_video_samples(128 if not args.smoke else 8, args.seed, "val", frames=args.video_frames)
+        vval_batch = collate([encode(s, processor, image_token, n_img, end_ids) for s in vval], pad)
+        vval_types = [s.qtype for s in vval]
 
-    def save(final_acc=None, steps=0, seconds=0.0, factors=None):
+    def save(final_acc=None, steps=0, seconds=0.0, factors=None, final_video_acc=None):
         info = {"command": "python scripts/train_tiny_vlm.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 "seed": args.seed, "backbone": args.backbone, "steps": steps, "batch_size": args.batch_size,
                 "lr": args.lr, "vision_layers": args.vision_layers, "lora_rank": args.lora_rank,
@@ -280,6 +320,9 @@ def main(argv=None) -> int:
                 "train_seconds": round(seconds, 1), "device": str(device), "complete": final_acc is not None,
                 "heldout_accuracy": final_acc, "heldout_samples": args.eval_samples, "torch": torch.__version__,
                 "transformers": __import__("transformers").__version__}
+        if use_video:
+            info.update(video_fraction=fv, video_frames=args.video_frames, video_batch_size=args.video_batch_size,
+                        heldout_video_accuracy=final_video_acc, heldout_video_samples=args.video_eval_samples)
         if factors is None and lora is not None:
             factors = lora.factors()
         return shapes_vlm.save_trained_parts(model, args.out, info, lora=factors)
@@ -289,18 +332,23 @@ def main(argv=None) -> int:
     model.train()
     model.model.language_model.eval()  # frozen backbone: no dropout either way, but keep it explicit
     step, running = 0, []
-    for ids, labels, mask, pixels in loader:
+    streams = [(1.0 - fv, iter(image_loader)) if use_images else None, (fv, iter(video_loader)) if use_video else None]
+    streams = [x for x in streams if x is not None]
+    while True:
         progress = max(step / args.steps, (time.time() - t_train) / budget)
         if progress >= 1.0:
             break
         decay = min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * decay
-        ids, labels, mask, pixels = (t.to(device, non_blocking=True) for t in (ids, labels, mask, pixels))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits, target, _ = answer_logits(model, ids, mask, pixels, labels)
-        loss = F.cross_entropy(logits, target)
-        loss.backward()
+        loss = 0.0
+        for weight, it in streams:  # one backward per stream: only one stream's activations live at a time
+            ids, labels, mask, pixels = (t.to(device, non_blocking=True) for t in next(it))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits, target, _ = answer_logits(model, ids, mask, pixels, labels)
+            part = F.cross_entropy(logits, target) * weight
+            part.backward()
+            loss = loss + part.detach()
         torch.nn.utils.clip_grad_norm_(params + lora_params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -311,8 +359,13 @@ def main(argv=None) -> int:
                   f"{time.time() - t_train:.0f}s", flush=True)
             running = []
         if step % args.eval_every == 0:
-            acc = teacher_forced_accuracy(model, val_batch, val_types, device)
-            print("  val (teacher-forced): " + "  ".join(f"{k}={v:.3f}" for k, v in acc.items()), flush=True)
+            if use_images:
+                acc = teacher_forced_accuracy(model, val_batch, val_types, device)
+                print("  val (teacher-forced): " + "  ".join(f"{k}={v:.3f}" for k, v in acc.items()), flush=True)
+            if use_video:
+                acc = teacher_forced_accuracy(model, vval_batch, vval_types, device)
+                print("  video val (teacher-forced): " + "  ".join(f"{k}={v:.3f}" for k, v in acc.items()),
+                      flush=True)
         if time.time() - last_save > args.save_every * 60:
             save(steps=step, seconds=time.time() - t_train)
             last_save = time.time()
@@ -326,7 +379,13 @@ def main(argv=None) -> int:
     model.eval()
     acc = accuracy(model, processor, test, batch_size=100, device=device)
     print("held-out accuracy: " + "  ".join(f"{k}={v:.3f}" for k, v in acc.items()), flush=True)
-    path = save(acc, step, train_s, factors)  # the factors, not the merged weights, are what is stored
+    video_acc = None
+    if use_video:
+        clips = synthetic.make_video_samples(args.video_eval_samples, seed=args.seed, split="test",
+                                             frames=args.video_frames)
+        video_acc = accuracy(model, processor, clips, batch_size=50, device=device)
+        print("held-out video accuracy: " + "  ".join(f"{k}={v:.3f}" for k, v in video_acc.items()), flush=True)
+    path = save(acc, step, train_s, factors, video_acc)  # the factors, not the merged weights, are what is stored
     print(f"saved {path} ({path.stat().st_size / 1e6:.1f} MB) after {step} steps, {train_s:.0f}s training", flush=True)
     return 0
 

@@ -44,18 +44,80 @@ def test_answers_follow_from_the_scene():
             assert _count_colour(img, o.colour) > 20
 
 
+def _centre(img, colour):
+    ys, xs = np.nonzero((np.asarray(img) == np.array(S.COLOURS[colour])).all(-1))
+    return (xs.mean(), ys.mean()) if len(xs) else None
+
+
 def test_video_sample_moves_the_named_shape():
-    s = S.make_video_sample(2, frames=4)
+    s = S.make_video_sample(0, frames=4)
+    assert s.qtype == "motion"
     frames = S.render_frames(s)
     assert len(frames) == 4 and s.answer in S.VIDEO_DIRECTIONS
-    colour = s.shapes[0].colour
-    centres = []
-    for f in frames:
-        ys, xs = np.nonzero((np.asarray(f) == np.array(S.COLOURS[colour])).all(-1))
-        centres.append((xs.mean(), ys.mean()))
+    centres = [_centre(f, s.shapes[0].colour) for f in frames]
     dx, dy = centres[-1][0] - centres[0][0], centres[-1][1] - centres[0][1]
     expected = {"left": dx < -5, "right": dx > 5, "up": dy < -5, "down": dy > 5}
     assert expected[s.answer]
+
+
+def test_video_samples_default_to_8_frames_four_kinds_balanced_and_deterministic():
+    clips = S.make_video_samples(160, seed=1)
+    assert clips == S.make_video_samples(160, seed=1)
+    assert S.make_video_sample(37, seed=1) == clips[37]
+    assert clips != S.make_video_samples(160, seed=1, split="train")
+    assert all(c.frames == S.VIDEO_FRAMES == 8 for c in clips)
+    assert [c.qtype for c in clips[:4]] == list(S.VIDEO_QUESTION_TYPES)
+    answers = {q: [c.answer for c in clips if c.qtype == q] for q in S.VIDEO_QUESTION_TYPES}
+    assert sorted(set(answers["motion"])) == sorted(S.VIDEO_DIRECTIONS)
+    assert all(answers["motion"].count(d) == 10 for d in S.VIDEO_DIRECTIONS)
+    for q in ("first_frame", "frame_count"):
+        assert all(answers[q].count(str(k)) == 5 for k in range(1, 9)), q
+    assert set(answers["mover"]) == set(S.COLOURS) | set(S.SHAPES)
+    for c in clips:  # one word, JSON round trip
+        assert len(c.answer.split()) == 1 and S.Sample.from_json(json.loads(json.dumps(c.to_json()))) == c
+
+
+def test_video_answers_follow_from_the_rendered_frames():
+    for c in S.make_video_samples(24, seed=2, frames=8):
+        frames = [np.asarray(f) for f in S.render_frames(c)]
+        if c.qtype in ("first_frame", "frame_count"):
+            target = c.shapes[0]
+            # the named shape is the only one of its colour and kind; it is drawn exactly in its visible frames
+            shown = [k for k in range(c.frames) if c.shown(0, k)]
+            others_same = [i for i, o in enumerate(c.shapes) if i and o.colour == target.colour]
+            for k in range(c.frames):  # its colour appears at its cell only in the frames where it is shown
+                y = int((target.row + 0.5) * 32 + target.dy)
+                x = int((target.col + 0.5) * 32 + target.dx)
+                drawn = (frames[k][y, x] == np.array(S.COLOURS[target.colour])).all()
+                assert drawn == (k in shown) or others_same
+            expected = shown[0] + 1 if c.qtype == "first_frame" else len(shown)
+            assert int(c.answer) == expected
+            if c.qtype == "first_frame":
+                assert shown[-1] == c.frames - 1  # it stays once it appears
+        elif c.qtype == "mover":
+            assert c.motion != (0, 0)
+            attr = "shape" if c.answer in S.SHAPES else "colour"
+            assert getattr(c.shapes[0], attr) == c.answer
+            assert all(getattr(o, attr) != c.answer for o in c.shapes[1:])
+            # only the mover changes pixels between frames
+            diff = (frames[0] != frames[-1]).any(-1)
+            ys, xs = np.nonzero(diff)
+            cx, cy = xs.mean() / 32, ys.mean() / 32
+            assert abs(cx - (c.shapes[0].col + 0.5)) < 1 and abs(cy - (c.shapes[0].row + 0.5)) < 1
+
+
+PINNED_IMAGE_SAMPLES = [
+    ("colour", "What color is the shape in the center?", "green", 1),
+    ("count", "How many yellow shapes are there?", "1", 5),
+    ("exist", "Is there a yellow square?", "no", 4),
+    ("relpos", "Is the blue circle below the purple circle?", "no", 3)]
+
+
+def test_image_samples_are_unchanged():
+    """The image task's questions are pinned: the video changes must not move them."""
+    got = [(s.qtype, s.question, s.answer, len(s.shapes)) for s in S.make_samples(4, seed=0)]
+    assert got == PINNED_IMAGE_SAMPLES
+    assert "visible" not in S.make_sample(0).to_json()
 
 
 def test_scoring_and_errors():
@@ -69,6 +131,9 @@ def test_scoring_and_errors():
         S.make_sample(-1)
     with pytest.raises(ConfigError, match="frames"):
         S.make_video_sample(0, frames=1)
+    with pytest.raises(ConfigError, match="qtype"):
+        S.make_video_sample(0, qtype="colour")
+    assert S.normalize_answer("Eight.") == "8"
 
 
 def test_task_folder_roundtrip(tmp_path):

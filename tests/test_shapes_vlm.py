@@ -95,14 +95,14 @@ def test_fast_training_encoding_equals_the_processor(train_script, backbone):
 
     processor = llava_processor(tok, shapes_vlm.IMAGE_SIZE, shapes_vlm.PATCH_SIZE, image_token)
     end_ids = tok.encode("<|im_end|>", add_special_tokens=False)
-    for i in range(12):
-        s = synthetic.make_sample(i, 0, "train")
+    clips = [synthetic.make_video_sample(i, 0, "train", frames=3) for i in range(4)]
+    for s in [synthetic.make_sample(i, 0, "train") for i in range(12)] + clips:
         ids, labels, pixels = train_script.encode(s, processor, image_token, shapes_vlm.tokens_per_image(), end_ids)
-        enc = processor(images=[synthetic.render(s)], text=prompt_of(processor, s), return_tensors="pt")
+        enc = processor(images=synthetic.render_frames(s), text=prompt_of(processor, s), return_tensors="pt")
         n = enc["input_ids"].shape[1]
         assert ids[:n].tolist() == enc["input_ids"][0].tolist()
         assert (labels[:n] == -100).all() and tok.decode(labels[n:]).startswith(s.answer)
-        assert torch.equal(pixels, enc["pixel_values"][0])
+        assert torch.equal(pixels, enc["pixel_values"]) and pixels.shape[0] == s.frames
 
 
 def test_training_smoke_run_saves_loadable_parts(train_script, tmp_path):
@@ -197,3 +197,61 @@ def test_smollm_shipped_shapes_vlm_meets_issue_5():
     assert full >= 0.9, full
     assert pruned["last_row"] > pruned["random"], pruned
     assert pruned["last_row"] < full, (full, pruned)
+
+
+def test_training_mixes_video_clips_and_reports_both_accuracies(train_script, tmp_path):
+    import json
+
+    assert train_script.main(["--smoke", "--backbone", "tiny", "--steps", "2", "--lora-rank", "2",
+                              "--eval-samples", "4", "--video-fraction", "0.5", "--video-frames", "8",
+                              "--video-batch-size", "2", "--video-eval-samples", "4", "--out", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / shapes_vlm.INFO_FILE).read_text())
+    assert info["video_fraction"] == 0.5 and info["video_frames"] == 8
+    assert set(info["heldout_accuracy"]) == set(synthetic.QUESTION_TYPES) | {"all"}
+    assert set(info["heldout_video_accuracy"]) == set(synthetic.VIDEO_QUESTION_TYPES) | {"all"}
+
+
+def test_video_stream_blocks_hold_every_clip_kind(train_script):
+    class Proc:
+        class tokenizer:
+            @staticmethod
+            def encode(*_, **__):
+                return [0]
+
+    stream = train_script.ShapesStream(Proc, "<image>", 4, seed=0, block=8, video_frames=8)
+    import itertools
+
+    clips = [stream.sample(i) for i in itertools.islice(stream.indices(1, 3), 8)]
+    assert all(c.frames == 8 for c in clips)
+    assert sorted(c.qtype for c in clips) == sorted(synthetic.VIDEO_QUESTION_TYPES * 2)
+
+
+def test_clip_frames_form_one_grid_for_the_video_methods():
+    """Consecutive images are one run of image tokens (chat template) that the adapter reads as a clip: one grid of
+    8 frames of 8 x 8 tokens, so frame-to-frame methods compare the frames."""
+    from mllm_efficiency.adapters import get_adapter as adapter_for
+
+    model, processor = tiny_vlm()
+    clip = synthetic.make_video_sample(1)
+    prompt = prompt_of(processor, clip)
+    assert "<image>" * 8 + "\n" in prompt
+    enc = processor(images=synthetic.render_frames(clip), text=prompt, return_tensors="pt")
+    grids = adapter_for(model).visual_grids(enc["input_ids"])
+    assert len(grids[0]) == 1 and grids[0][0][1:] == (8, 8, 8)
+    single = processor(images=[synthetic.render(synthetic.make_sample(0))],
+                       text=prompt_of(processor, synthetic.make_sample(0)), return_tensors="pt")
+    assert adapter_for(model).visual_grids(single["input_ids"])[0][0][1:] == (1, 8, 8)
+
+
+def test_video_sweep_smoke(tmp_path):
+    import json
+
+    sweep = load_script("benchmarks/eval/video_sweep.py")
+    assert sweep.main(["--tiny", "--limit", "4", "--methods", "framefusion,random_prune", "--ratios", "0.5",
+                       "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["method"], r["ratio"]) for r in rows] == [("vanilla", 0.0), ("framefusion", 0.5),
+                                                          ("random_prune", 0.5)]
+    assert rows[1]["removed_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert rows[1]["tflops"] < rows[0]["tflops"] and rows[2]["tflops"] < rows[0]["tflops"]
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "results.md").is_file()

@@ -175,6 +175,38 @@ def arms(T: int, frames: int):
             ("cmc_emulation", "cmc", dict(**common))]
 
 
+RATIO_METHODS = {  # --ratio-arms METHOD=R: the method at a `ratio` budget (docs/video.md "RATIO")
+    "focus": ("focus", dict(sic_mode="off")),
+    "focus_fast": ("focus", dict(FOCUS_FAST)),
+    "framefusion": ("framefusion", {}),
+    "cmc": ("cmc", {}),
+    "adaptiv": ("adaptiv", {}),
+}
+
+
+def ratio_arms(specs, frames: int):
+    """(name, method, kwargs) of each --ratio-arms METHOD=R, named `METHOD@rR`."""
+    out = []
+    for spec in specs or ():
+        key, r = spec.split("=")
+        method, kw = RATIO_METHODS[key]
+        out.append((f"{key}@r{float(r):g}", method, dict(kw, ratio=float(r), frames=frames)))
+    return out
+
+
+def parse_ratio_arm(spec: str) -> str:
+    """argparse type of --ratio-arms: METHOD=R with METHOD in RATIO_METHODS and R in [0, 1)."""
+    key, sep, r = spec.partition("=")
+    try:
+        ok = sep and key in RATIO_METHODS and 0.0 <= float(r) < 1.0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected METHOD=R with METHOD in {sorted(RATIO_METHODS)} and R in [0, 1), "
+                                         f"got {spec!r}")
+    return spec
+
+
 def expand_matched(arm_list, fractions):
     """(name, method, kw, fraction): the FLOPs-matched arms once per MAC fraction of FrameFusion's (named
     `..._ffmatch` at 1, `..._ffmatch@F` otherwise; dropped when `fractions` is empty), the others with None."""
@@ -316,8 +348,11 @@ def run(args) -> dict:
         ids, handle = video_prompt(model, frames, side, device, dtype, static=args.static, noise=args.noise)
         prompt, n_visual = int(ids.shape[1]), frames * side * side
         dense_ms = ff_macs = None
-        for name, method, kw, fraction in expand_matched(arms(T, frames), args.focus_match_ff):
-            if name == "cmc_emulation" and not args.with_cmc or args.arms and name.split("@")[0] not in args.arms:
+        extra = [(n, m, kw, None) for n, m, kw in ratio_arms(args.ratio_arms, frames)]
+        for name, method, kw, fraction in list(expand_matched(arms(T, frames), args.focus_match_ff)) + extra:
+            is_ratio_arm = "@r" in name
+            if not is_ratio_arm and (name == "cmc_emulation" and not args.with_cmc
+                                     or args.arms and name.split("@")[0] not in args.arms):
                 continue
             alphas, factor, predicted = kw.get("alpha_list"), None, None
             if fraction is not None:
@@ -329,7 +364,7 @@ def run(args) -> dict:
                     continue
                 factor, alphas = match
                 kw = dict(kw, alpha_list=alphas)
-            if method == "focus":
+            if method == "focus" and alphas is not None:
                 predicted = ops(cfg, *focus_schedule(T, prompt, n_visual, kw["selected_layers"], alphas)) / 1e12
             h = me.apply(model, method, **kw) if method else None
             t_arm = time.time()
@@ -363,7 +398,13 @@ def run(args) -> dict:
                            rows_removed_down=st.rows_removed("down_proj") if dedup else None,
                            alphas="/".join(f"{a:g}" for a in alphas) if alphas else None,
                            alpha_factor=factor)
-                if method == "focus":
+                if is_ratio_arm:  # the budget each method reached (layer-averaged share of visual tokens removed)
+                    row["requested_ratio"] = kw["ratio"]
+                    row["removed_fraction"] = getattr(st, "removed_fraction", None)
+                    solved = getattr(getattr(h, "_attached", None), "config", None)  # focus: the solved schedule
+                    if method == "focus" and getattr(solved, "alpha_list", None):
+                        row["alphas"] = "/".join(f"{a:g}" for a in solved.alpha_list)
+                if method == "focus" and predicted is not None:
                     # MACs of the same arm without crediting token_dedup (only the SEC-kept rows): <= the target
                     # of a FLOPs-matched arm whether or not the deduplicated rows are counted
                     row["tmacs_sec"] = predicted
@@ -412,6 +453,10 @@ def main(argv=None) -> int:
                          "its MACs are just at or below F x FrameFusion's at the same frame count (no F: F = 1; "
                          "several F: one pair of arms each, named ..._ffmatch@F)")
     ap.add_argument("--arms", nargs="+", default=None, help="run only these arms (names as in the table)")
+    ap.add_argument("--ratio-arms", nargs="+", default=None, type=parse_ratio_arm, metavar="METHOD=R",
+                    help=f"also time METHOD ({', '.join(RATIO_METHODS)}) at the budget ratio=R (layer-averaged share "
+                         "of visual tokens removed), as arm METHOD@rR (always run, --arms or not); "
+                         "benchmarks/video/equal_accuracy.py prints the equal-accuracy pair")
     ap.add_argument("--profile", action="store_true",
                     help="CUDA: one more prefill per arm under torch.profiler: kernel_ms (total kernel time; "
                          "TTFT - kernel_ms is GPU idle time), kernels, syncs (blocking host API calls); CPU: one "
@@ -438,7 +483,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    cols = ["frames", "arm", "prompt", "ttft_ms", "speedup", "host_ms", "kernel_ms", "kernels", "syncs", "ops",
+    cols = ["frames", "arm", "prompt", "ttft_ms", "speedup", "requested_ratio", "removed_fraction", "host_ms", "kernel_ms", "kernels", "syncs", "ops",
             "sync_ops", "mean_tokens", "tmacs", "tmacs_sec", "macs_vs_ff", "alphas", "sparsity", "rows_removed_q",
             "rows_removed_down"]
     cols = [c for c in cols if any(r.get(c) is not None for r in res["rows"]) or c in ("frames", "arm")]

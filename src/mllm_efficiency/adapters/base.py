@@ -108,7 +108,8 @@ class ModelAdapter:
         `video_grid_thw` (merged by `spatial_merge_size`), LLaVA-OneVision `pixel_values_videos`
         (B, F, C, H, W): F frames of square pooled grids. `frames` overrides the frame count (e.g. when
         only embeddings are given); otherwise a span without processor information is one frame, square
-        when its length is a perfect square, else a single row."""
+        when its length is a perfect square, else a single row; a span of several adjacent images of the model's
+        `image_seq_length` tokens each (LLaVA) is one grid with a frame per image."""
         visual = self.visual_mask(input_ids)
         if visual is None:
             return [[] for _ in range(input_ids.shape[0])]
@@ -119,6 +120,7 @@ class ModelAdapter:
         thw = {"video": _grid_list(inputs.get("video_grid_thw")), "image": _grid_list(inputs.get("image_grid_thw"))}
         videos = inputs.get("pixel_values_videos")
         video_frames = int(videos.shape[1]) if isinstance(videos, torch.Tensor) and videos.dim() == 5 else None
+        per_image = getattr(cfg, "image_seq_length", None)
         out = []
         for b in range(input_ids.shape[0]):
             grids = []
@@ -130,13 +132,21 @@ class ModelAdapter:
                     if t * (h // merge) * (w // merge) == n:
                         grid = (start, t, h // merge, w // merge)
                 if grid is None:
-                    f = frames or (video_frames if kind == "video" else None) or 1
+                    f = frames or (video_frames if kind == "video" else None) or (_image_run(n, per_image) if kind == "image" else None) or 1
                     per = n // f
                     side = int(round(per ** 0.5))
                     grid = (start, f, side, side) if side * side == per else (start, f, 1, per)
                 grids.append(grid)
             out.append(grids)
         return out
+
+
+def _image_run(n: int, per_image) -> int | None:
+    """Frames of a span of several adjacent images of `per_image` tokens each (LLaVA: a clip given as
+    consecutive images, e.g. the shapes VLM's frames), else None."""
+    if isinstance(per_image, int) and 0 < per_image < n and n % per_image == 0:
+        return n // per_image
+    return None
 
 
 def _grid_list(t) -> list[tuple[int, int, int]]:

@@ -8,12 +8,15 @@ IMAGE_MEAN = [0.5, 0.5, 0.5]
 IMAGE_STD = [0.5, 0.5, 0.5]
 
 # ChatML, as SmolLM2-Instruct was trained on, without the default system prompt (shorter prompts); images are
-# placed where the message lists them, each followed by a newline.
+# placed where the message lists them. Consecutive images (the frames of a clip) form one contiguous run of image
+# tokens, followed by one newline, so the video methods see a single multi-frame grid (a single image: image +
+# newline, as before).
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}{{ image_token }}\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% if c['type'] == 'image' %}{{ image_token }}"
+    "{% if loop.nextitem is not defined or loop.nextitem['type'] != 'image' %}{{ '\\n' }}{% endif %}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )

@@ -9,8 +9,15 @@ Question types (answers are one lower-case word):
   count     "How many blue shapes are there?"                  -> 0 .. 4
   exist     "Is there a green circle?"                          -> yes / no (balanced)
   relpos    "Is the red square left of the blue circle?"        -> yes / no (balanced; also above / below / right)
-A video variant (`make_video_sample`) moves one shape across frames: "Which way does the red circle move?"
--> left / right / up / down.
+Video samples (`make_video_sample`, 8 frames by default; the type cycles with the index like the image types):
+  motion       "Which way does the red circle move? ..."            -> left / right / up / down
+  mover        "What color is the shape that moves?"                -> a colour (or, every other sample, "What kind
+               of shape moves?" -> circle / square / triangle); the other shapes stand still
+  first_frame  "In which frame does the red circle first appear?"   -> 1 .. frames (it stays until the last frame)
+  frame_count  "In how many frames is the red circle visible?"      -> 1 .. frames (one contiguous run of frames)
+Answers are balanced exactly: each type's answer cycles with the sample index. Other shapes appear and disappear
+too (distractors), so frames and positions matter; what does not change between frames stays pixel-identical
+(temporal redundancy for the video methods).
 """
 from __future__ import annotations
 
@@ -37,6 +44,8 @@ QUESTION_TYPES = ("colour", "count", "exist", "relpos")
 SPLITS = ("train", "val", "test")
 MAX_OBJECTS = 5
 VIDEO_DIRECTIONS = ("left", "right", "up", "down")
+VIDEO_QUESTION_TYPES = ("motion", "mover", "first_frame", "frame_count")
+VIDEO_FRAMES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +68,17 @@ class Sample:
     shapes: tuple[Shape, ...]
     frames: int = 1          # > 1: a video; shape 0 moves by `motion` pixels per frame
     motion: tuple[int, int] = (0, 0)
+    # video: per shape, the (first, last) frame (0-based, inclusive) it is drawn in; empty = every shape always
+    visible: tuple[tuple[int, int], ...] = ()
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["shapes"] = [dataclasses.asdict(s) for s in self.shapes]
         d["motion"] = list(self.motion)
+        if self.visible:
+            d["visible"] = [list(v) for v in self.visible]
+        else:  # image samples (and always-visible clips) keep their earlier JSON
+            del d["visible"]
         return d
 
     @classmethod
@@ -71,7 +86,15 @@ class Sample:
         d = dict(d)
         d["shapes"] = tuple(Shape(**s) for s in d["shapes"])
         d["motion"] = tuple(d.get("motion", (0, 0)))
+        d["visible"] = tuple(tuple(v) for v in d.get("visible", ()))
         return cls(**{k: d[k] for k in (f.name for f in dataclasses.fields(cls)) if k in d})
+
+    def shown(self, i: int, frame: int) -> bool:
+        """Whether shape `i` is drawn in `frame`."""
+        if not self.visible:
+            return True
+        first, last = self.visible[i]
+        return first <= frame <= last
 
 
 def _rng(seed: int, split: str, index: int, kind: str = "image") -> random.Random:
@@ -160,24 +183,92 @@ def make_samples(n: int, seed: int = 0, split: str = "test", start: int = 0) -> 
     return [make_sample(start + i, seed, split) for i in range(n)]
 
 
-def make_video_sample(index: int, seed: int = 0, split: str = "test", frames: int = 4) -> Sample:
-    """A short clip: shape 0 moves one direction by a few pixels per frame; the question asks which way."""
-    if not isinstance(frames, int) or not 2 <= frames <= 16:
+def _check_frames(frames) -> None:
+    if not isinstance(frames, int) or isinstance(frames, bool) or not 2 <= frames <= 16:
         raise ConfigError(f"frames must be an integer in [2, 16], got {frames!r}")
-    rng = _rng(seed, split, index, kind="video")
-    shapes = _unique(_place(rng, rng.randint(1, 3)))
-    while not shapes:
-        shapes = _unique(_place(rng, rng.randint(1, 3)))
-    direction = rng.choice(VIDEO_DIRECTIONS)
+
+
+def _moving(shape: Shape, direction: str, frames: int) -> tuple[Shape, tuple[int, int]]:
+    """The shape restarted at the far side of its cell, and its motion (pixels per frame) towards `direction`."""
     step = max(1, 24 // (frames - 1))
     motion = {"left": (-step, 0), "right": (step, 0), "up": (0, -step), "down": (0, step)}[direction]
-    mover = shapes[0]
-    # start the mover at the opposite side of its cell so it stays inside the image
     sx = -12 if motion[0] > 0 else (12 if motion[0] < 0 else 0)
     sy = -12 if motion[1] > 0 else (12 if motion[1] < 0 else 0)
-    shapes[0] = dataclasses.replace(mover, dx=sx, dy=sy)
-    q = f"Which way does the {mover.colour} {mover.shape} move? Answer left, right, up or down."
-    return Sample(f"video-{split}-{seed}-{index}", "motion", q, direction, tuple(shapes), frames, motion)
+    return dataclasses.replace(shape, dx=sx, dy=sy), motion
+
+
+def _distractor_spans(rng: random.Random, n: int, frames: int) -> list[tuple[int, int]]:
+    """Visible frame ranges of `n` distractors: half always there, the others a random contiguous run."""
+    spans = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            spans.append((0, frames - 1))
+        else:
+            a = rng.randrange(frames)
+            spans.append((a, rng.randrange(a, frames)))
+    return spans
+
+
+def make_video_sample(index: int, seed: int = 0, split: str = "test", frames: int = VIDEO_FRAMES,
+                      qtype: str | None = None) -> Sample:
+    """Clip `index` of `split`: `frames` frames and one question (type cycles with the index unless `qtype`; see
+    the module docstring). Shape 0 is the one asked about. The answer of each type cycles with index // 4, so every
+    type's answers are balanced over consecutive indices."""
+    _check_frames(frames)
+    qtype = VIDEO_QUESTION_TYPES[index % len(VIDEO_QUESTION_TYPES)] if qtype is None else qtype
+    if qtype not in VIDEO_QUESTION_TYPES:
+        raise ConfigError(f"qtype must be one of {list(VIDEO_QUESTION_TYPES)}, got {qtype!r}")
+    rng = _rng(seed, split, index, kind="video")
+    turn = index // len(VIDEO_QUESTION_TYPES)
+    qid = f"video-{split}-{seed}-{index}"
+    if qtype == "motion":  # kept as before: one moving shape among 1..3 distinguishable ones, all always visible
+        shapes = _unique(_place(rng, rng.randint(1, 3)))
+        while not shapes:
+            shapes = _unique(_place(rng, rng.randint(1, 3)))
+        direction = VIDEO_DIRECTIONS[turn % len(VIDEO_DIRECTIONS)]
+        shapes[0], motion = _moving(shapes[0], direction, frames)
+        q = f"Which way does the {shapes[0].colour} {shapes[0].shape} move? Answer left, right, up or down."
+        return Sample(qid, qtype, q, direction, tuple(shapes), frames, motion)
+    if qtype == "mover":  # shape 0 moves, 1..3 others stand still; the asked attribute names the mover alone
+        by_shape = turn % 2 == 1
+        want = SHAPES[(turn // 2) % len(SHAPES)] if by_shape else list(COLOURS)[(turn // 2) % len(COLOURS)]
+        attr = "shape" if by_shape else "colour"
+        while True:
+            shapes = _place(rng, rng.randint(2, 4))
+            shapes[0] = dataclasses.replace(shapes[0], **{attr: want})
+            if all(getattr(s, attr) != want for s in shapes[1:]):
+                break
+        shapes[0], motion = _moving(shapes[0], rng.choice(VIDEO_DIRECTIONS), frames)
+        q = ("What kind of shape moves? Answer circle, square or triangle." if by_shape
+             else "What color is the shape that moves?")
+        return Sample(qid, qtype, q, want, tuple(shapes), frames, motion)
+    # first_frame / frame_count: nothing moves; shape 0 (named by a unique colour + shape) is shown in a run of
+    # frames, the distractors in theirs
+    if qtype == "first_frame":  # appears in frame `first` and stays to the end
+        first = turn % frames
+        span = (first, frames - 1)
+        q = f"In which frame does the {{}} first appear? Answer a number from 1 to {frames}."
+        answer = str(first + 1)
+    else:  # visible in `count` consecutive frames, anywhere in the clip
+        count = turn % frames + 1
+        a = rng.randint(0, frames - count)
+        span = (a, a + count - 1)
+        q = f"In how many frames is the {{}} visible? Answer a number from 1 to {frames}."
+        answer = str(count)
+    while True:
+        shapes = _place(rng, rng.randint(1, 4))
+        if shapes[0] in _unique(shapes):
+            break
+    visible = (span, *_distractor_spans(rng, len(shapes) - 1, frames))
+    q = q.format(f"{shapes[0].colour} {shapes[0].shape}")
+    return Sample(qid, qtype, q, answer, tuple(shapes), frames, (0, 0), visible)
+
+
+def make_video_samples(n: int, seed: int = 0, split: str = "test", start: int = 0, frames: int = VIDEO_FRAMES,
+                       qtype: str | None = None) -> list[Sample]:
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n (number of samples) must be an integer >= 1, got {n!r}")
+    return [make_video_sample(start + i, seed, split, frames, qtype) for i in range(n)]
 
 
 def render(sample: Sample, frame: int = 0, image_size: int = IMAGE_SIZE):
@@ -189,6 +280,8 @@ def render(sample: Sample, frame: int = 0, image_size: int = IMAGE_SIZE):
     cell = image_size / GRID
     scale = image_size / IMAGE_SIZE
     for i, s in enumerate(sample.shapes):
+        if not sample.shown(i, frame):
+            continue
         mx, my = (sample.motion[0] * frame, sample.motion[1] * frame) if i == 0 else (0, 0)
         cx = (s.col + 0.5) * cell + (s.dx + mx) * scale
         cy = (s.row + 0.5) * cell + (s.dy + my) * scale
@@ -216,6 +309,8 @@ def prompt_text(sample: Sample) -> str:
 
 
 _WORD = re.compile(r"[a-z0-9]+")
+_NUMBERS = {w: str(i) for i, w in enumerate(("zero one two three four five six seven eight nine ten eleven twelve "
+                                             "thirteen fourteen fifteen sixteen").split())}
 
 
 def normalize_answer(text: str) -> str:
@@ -223,8 +318,7 @@ def normalize_answer(text: str) -> str:
     words = _WORD.findall(str(text).lower())
     if not words:
         return ""
-    numbers = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5"}
-    return numbers.get(words[0], words[0])
+    return _NUMBERS.get(words[0], words[0])
 
 
 def exact_match(prediction: str, answer: str) -> float:

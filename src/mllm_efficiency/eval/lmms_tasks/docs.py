@@ -443,7 +443,7 @@ def videomme(n: int, seed: int, media: Path) -> Built:
     $HF_HOME/videomme/data/<videoID>.mp4) of one shape moving; "which way does it move" with options A-D."""
     rows = []
     for i in range(n):
-        sample = synthetic.make_video_sample(i, seed, frames=8)
+        sample = synthetic.make_video_sample(i, seed, frames=8, qtype="motion")
         video_id = f"mllmeff{seed:02d}v{i:04d}"
         path = media / "videomme" / "data" / f"{video_id}.mp4"
         if not path.is_file():
