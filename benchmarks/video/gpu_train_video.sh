@@ -35,6 +35,7 @@ python scripts/train_tiny_vlm.py --backbone "$GGUF" --init "$INIT" \
   --max-minutes "$MINUTES" --save-every 2 --workers "${WORKERS:-12}" \
   --eval-samples 400 --video-eval-samples 400 \
   --out "$OUT/shapes_vlm" 2>&1 | tee "$OUT/train.log"
+mkdir -p /tmp/shapes_vlm_new && cp -r "$OUT/shapes_vlm/." /tmp/shapes_vlm_new/
 echo "training command done after $(( $(date +%s) - start )) s"
 python - "$OUT/shapes_vlm/train_info.json" <<'EOF'
 import json, sys
