@@ -95,14 +95,9 @@ class DARTStep(RatioStep):
 
     def select(self, req: Request, hidden: torch.Tensor) -> StepResult:
         cfg = self.config
-        visual = req.visual.gather(1, req.kept) & req.valid
-        if req.hidden_keys is not None:
-            visual &= ~req.hidden_keys.gather(1, req.kept)
+        visual = req.present_visual()
         B, Lcur = visual.shape
-        norms = req.scores.pop(self, None)
-        if norms is None:
-            raise RuntimeError(f"DART: no keys were recorded at layer {self.score_layer}")
-        norms = norms[:, -Lcur:]
+        norms = req.take_scores(self, "DART")
         idx = torch.arange(Lcur, device=visual.device)
         last = torch.where(visual, idx, -1).amax(1, keepdim=True)
         text = req.valid & ~visual & (idx.unsqueeze(0) > last)

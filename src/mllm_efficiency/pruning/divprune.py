@@ -69,9 +69,7 @@ class DivPruneStep(RatioStep):
         self.method_name = "divprune"
 
     def select(self, req: Request, hidden: torch.Tensor) -> StepResult:
-        visual = req.visual.gather(1, req.kept) & req.valid
-        if req.hidden_keys is not None:
-            visual &= ~req.hidden_keys.gather(1, req.kept)
+        visual = req.present_visual()
         counts = list(req.visual_counts)
         keep = torch.ones_like(visual)
         kept_vis = torch.zeros_like(visual)

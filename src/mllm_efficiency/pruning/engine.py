@@ -158,6 +158,21 @@ class Request:
     def identity(self) -> bool:
         return not self.pruned
 
+    def present_visual(self) -> torch.Tensor:
+        """(B, Lcur) bool: the current slots that hold a visual token still present (not filler, not hidden by an
+        earlier mask-mode step)."""
+        visual = self.visual.gather(1, self.kept) & self.valid
+        if self.hidden_keys is not None:
+            visual &= ~self.hidden_keys.gather(1, self.kept)
+        return visual
+
+    def take_scores(self, step, method: str) -> torch.Tensor:
+        """The scores `step` recorded at its score layer, cut to the current slots (removed from the request)."""
+        score = self.scores.pop(step, None)
+        if score is None:
+            raise RuntimeError(f"{method}: no scores were recorded at layer {step.score_layer}")
+        return score[:, -self.kept.shape[1]:]
+
 
 @dataclasses.dataclass
 class PruningStats:

@@ -162,18 +162,13 @@ class FastVStep(PruningStep):
 
     def select(self, req: Request, hidden: torch.Tensor) -> StepResult:
         """(B, Lcur) bool (True = keep; non-visual slots are always kept) and visual tokens kept per sample."""
-        visual = req.visual.gather(1, req.kept) & req.valid
-        if req.hidden_keys is not None:  # tokens an earlier mask-mode step already hid are gone
-            visual &= ~req.hidden_keys.gather(1, req.kept)
+        visual = req.present_visual()
         B, Lcur = visual.shape
         if self.config.scorer == "random":
             gen = torch.Generator().manual_seed(self.config.seed)
             score = torch.rand(B, Lcur, generator=gen).to(visual.device)
         else:
-            score = req.scores.pop(self, None)
-            if score is None:
-                raise RuntimeError(f"FastV: no scores were recorded at layer {self.score_layer}")
-            score = score[:, -Lcur:].float()
+            score = req.take_scores(self, "FastV").float()
         score = score.masked_fill(~visual, float("-inf"))
         keep_vis = torch.zeros_like(visual)
         # R is relative to the prompt's visual tokens (so simignore + fastv keep FastV's meaning); an earlier

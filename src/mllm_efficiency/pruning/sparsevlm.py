@@ -325,9 +325,7 @@ class RaterStep(PruningStep):
 
     def select(self, req: Request, hidden: torch.Tensor) -> StepResult:
         sh = self.shared
-        visual = req.visual.gather(1, req.kept) & req.valid
-        if req.hidden_keys is not None:
-            visual &= ~req.hidden_keys.gather(1, req.kept)
+        visual = req.present_visual()
         Lcur = visual.shape[1]
         idx = torch.arange(Lcur, device=visual.device)
         last = torch.where(visual, idx, -1).amax(1, keepdim=True)
@@ -384,14 +382,9 @@ class StageStep(PruningStep):
 
     def select(self, req: Request, hidden: torch.Tensor) -> StepResult:
         cfg = self.shared.config
-        visual = req.visual.gather(1, req.kept) & req.valid
-        if req.hidden_keys is not None:
-            visual &= ~req.hidden_keys.gather(1, req.kept)
-        B, Lcur = visual.shape
-        score = req.scores.pop(self, None)
-        if score is None:
-            raise RuntimeError(f"sparsevlm: no scores were recorded at layer {self.score_layer}")
-        score = score[:, -Lcur:]
+        visual = req.present_visual()
+        B = visual.shape[0]
+        score = req.take_scores(self, "sparsevlm")
         counts = list(req.visual_counts)
         keep = torch.ones_like(visual)
         kept_vis = visual.clone()
