@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU call 3: GGUF piece 2 (the file is complete), then the shapes-vlm video fine-tune (weights kept in /tmp).
+# GPU call C: GGUF piece 2 (the file is complete); the shapes-vlm video fine-tune, then the video accuracy sweep.
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 bash .stage/smollm2/append.sh 2 | tail -1
-GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf MINUTES=${MINUTES:-6.3} timeout 580 bash benchmarks/video/gpu_train_video.sh 2>&1 \
-    | grep -v -E "Warn|it/s\]" | tail -25
+GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf MINUTES=${MINUTES:-4.5} timeout 400 bash benchmarks/video/gpu_train_video.sh 2>&1 \
+    | grep -v -E "Warn|it/s\]" | tail -12
+timeout 170 python3 benchmarks/eval/video_sweep.py --n 1000 --backbone /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
+    --weights /tmp/shapes_vlm_new --out "$OUT/video_sweep" 2>&1 | grep -v -E "Warn|it/s\]" | tail -30
