@@ -32,7 +32,7 @@ from mllm_efficiency.errors import ConfigError  # noqa: E402
 from mllm_efficiency.eval import synthetic  # noqa: E402
 from mllm_efficiency.eval.shapes_eval import accuracy  # noqa: E402
 from mllm_efficiency.flops import LayerShape, exact_layer_flops  # noqa: E402
-from mllm_efficiency.registry import available_methods  # noqa: E402
+from mllm_efficiency.bench.specs import parse_entry  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastv_sweep import load  # noqa: E402
@@ -75,11 +75,14 @@ def prefill_tflops(model, layer_tokens: list[int]) -> float:
     return (sum(exact_layer_flops(shape, n) for n in layer_tokens) + head) / 1e12
 
 
-def run_arm(model, proc, samples, method: str | None, ratio: float, batch_size: int, flops_samples: int) -> dict:
+def run_arm(model, proc, samples, entry: str | None, ratio: float, batch_size: int, flops_samples: int) -> dict:
     """Accuracy on `samples`, and the mean prefill TFLOPs / mean tokens per layer of the first `flops_samples`
-    questions answered one at a time (no padding)."""
+    questions answered one at a time (no padding). `entry`: a method entry, e.g. 'pdrop:layer_list=2/10/18'."""
     t = time.time()
-    handle = me.apply(model, method, ratio=ratio) if method else None
+    handle = None
+    if entry:
+        (call,) = parse_entry(entry).methods
+        handle = me.apply(model, call.name, **{"ratio": ratio, **call.params})
     try:
         probe = LayerTokens(model)
         with probe:
@@ -117,7 +120,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=1000, help="held-out questions (test split)")
     p.add_argument("--ratios", default="0.5,0.75,0.9")
-    p.add_argument("--methods", default=",".join(VISUAL_TOKEN_METHODS))
+    p.add_argument("--methods", nargs="+", default=list(VISUAL_TOKEN_METHODS),
+                   help="method entries (NAME or NAME:key=value,...; tuples as a/b/c), each run at every ratio")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the arms already in OUT/results.json (same n and seed) and run only the missing ones")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--flops-samples", type=int, default=4, help="questions answered alone to count FLOPs")
@@ -128,14 +134,28 @@ def main(argv=None) -> int:
     if args.tiny:
         args.n = min(args.n, 8)
     ratios = [float(r) for r in args.ratios.split(",")]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in available_methods()]
-    if unknown:
-        p.error(f"--methods: unknown {unknown}; registered: {sorted(available_methods())}")
+    methods = args.methods
+    for m in methods:
+        try:
+            if len(parse_entry(m).methods) != 1:
+                raise ConfigError("one method per entry")
+        except ConfigError as e:
+            p.error(f"--methods {m!r}: {e}")
+    out = Path(args.out)
+    previous = []
+    if args.resume and (out / "results.json").exists():
+        old = json.loads((out / "results.json").read_text())
+        if (old.get("n"), old.get("seed")) == (args.n, args.seed):
+            previous = old["rows"]
+            methods = list(dict.fromkeys([r["method"] for r in previous if r["method"] != "vanilla"] + methods))
     model, proc = load(args.tiny, args.weights, args.device)
     samples = synthetic.make_samples(args.n, seed=args.seed, split="test")
     rows, skipped = [], []
     for method, ratio in [(None, 0.0)] + [(m, r) for r in ratios for m in methods]:
+        done = next((x for x in previous if x["method"] == (method or "vanilla") and x["ratio"] == ratio), None)
+        if done is not None:
+            rows.append(done)
+            continue
         try:
             row = {"method": method or "vanilla", "ratio": ratio,
                    **run_arm(model, proc, samples, method, ratio, args.batch_size, args.flops_samples)}
@@ -148,7 +168,6 @@ def main(argv=None) -> int:
     base = rows[0]
     for row in rows:
         row["flops_vs_vanilla"] = round(row["prefill_tflops"] / base["prefill_tflops"], 3)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = {"n": args.n, "seed": args.seed, "device": args.device, "tiny": args.tiny,
             "image_tokens": model.config.image_seq_length, "command": " ".join(sys.argv), "rows": rows,
