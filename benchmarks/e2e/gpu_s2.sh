@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# GPU call A: GGUF piece 0; prefill of every visual-token method at R=0.75 on the LLaVA-1.5-7B shape (1x576, 8x576):
+# GPU call A: prefill of every visual-token method at R=0.75 on the LLaVA-1.5-7B shape (1x576, 8x576):
 # stock TTFT (vision tower included) and the fast path's prompt -> 1 token.
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-bash .stage/smollm2/append.sh 0 | tail -1; bash .stage/install_wheels.sh .stage/wheels
 nvidia-smi --query-gpu=name --format=csv,noheader
 M="vanilla fastv:ratio=0.75 simignore:ratio=0.75 visionzip:ratio=0.75 prumerge_plus:ratio=0.75 pdrop:ratio=0.75
    sparsevlm:ratio=0.75 dart:ratio=0.75 divprune:ratio=0.75 random_prune:ratio=0.75"
