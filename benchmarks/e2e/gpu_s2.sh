@@ -4,7 +4,7 @@
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader
-M="vanilla fastv:ratio=0.75 simignore:ratio=0.75 visionzip:ratio=0.75 prumerge_plus:ratio=0.75 pdrop:ratio=0.75
+M="vanilla fastv:ratio=0.75 simignore:ratio=0.75 visionzip:ratio=0.75 prumerge_plus:ratio=0.75 pdrop:ratio=0.75,layer_list=2/10/18
    sparsevlm:ratio=0.75 dart:ratio=0.75 divprune:ratio=0.75 random_prune:ratio=0.75"
 for n in 1 8; do
   timeout 170 python3 -m mllm_efficiency.cli bench --model llava-1.5-7b --images $n --methods $M --decode e2e \
