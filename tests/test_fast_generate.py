@@ -73,6 +73,8 @@ METHODS = [
     ("random_prune", dict(ratio=0.5)),
     ("visionzip", dict(ratio=0.5)),
     ("prumerge_plus", dict(ratio=0.75)),
+    ("visionzip", dict(ratio=0.5, positions="original")),
+    ("prumerge_plus", dict(ratio=0.75, positions="original")),
 ]
 
 
@@ -284,11 +286,13 @@ CAPTURABLE = [(None, {}), ("fastv", dict(k=2, ratio=0.75)), ("fastv", dict(k=2, 
               ("pdrop", dict(ratio=0.5, layer_list=(1, 2))), ("sparsevlm", dict(ratio=0.5)),
               ("tova", dict(ratio=0.5)), ("keydiff", dict(ratio=0.5)),
               ("expected_attention", dict(ratio=0.5)), ("visionzip", dict(ratio=0.5)),
-              ("prumerge_plus", dict(ratio=0.75))]
+              ("prumerge_plus", dict(ratio=0.75)), ("visionzip", dict(ratio=0.5, positions="original")),
+              ("prumerge_plus", dict(ratio=0.75, positions="original"))]
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("method,cfg", CAPTURABLE, ids=[str(m) for m, _ in CAPTURABLE])
+@pytest.mark.parametrize("method,cfg", CAPTURABLE,
+                         ids=[f"{m}-original" if c.get("positions") == "original" else str(m) for m, c in CAPTURABLE])
 def test_prefill_makes_no_host_sync(fresh_llava, monkeypatch, method, cfg, padded):
     """What a CUDA capture replays: with the eager run's host values handed back, the prefill body must run
     without one host read of a device tensor (emulated on CPU with a guard on every syncing op)."""

@@ -5,15 +5,22 @@ The methods decide in the vision encoder's feature space, before the projector, 
    one for LLaVA-1.5) keep that layer's queries and keys. The [CLS] query row's attention over the patches is
    computed from them (`cls_attention`): the tower stays on SDPA, nothing asks it for attention weights;
 2. a forward pre-hook on the projector receives the selected patch features (num_images, N, C) and hands each
-   image to the method's `compress`, which returns the image's N rows *reordered*: its K output tokens (kept
-   patches, merged tokens) first, in the order the method emits them, the other rows after them;
-3. a pruning step at the input of decoder layer 0 (on the pruning engine) removes the visual tokens beyond the
-   first K of every image (`positions="renumber"`: the LLM sees a contiguous sequence, as if the processor had
-   put K placeholders per image).
-The step's choice depends only on the prompt's layout (N tokens per image, K from the config), so it needs no
-scores from the LLM and no host read beyond the visual counts: left padding, batches, `generate`, the KV cache
-and the fast path's captured prefill all work as for any layer-0 step, and the reordering happens eagerly in the
-vision tower, which runs outside the captured prefill.
+   image to the method's `compress`, which returns the image's N rows with its K output tokens (kept patches,
+   merged tokens) and the (num_images, N) mask of the patches they come from:
+   - `positions="renumber"` (default, the papers' behaviour): the rows are *reordered*, the K output tokens first
+     in the order the method emits them, the other rows after them;
+   - `positions="original"`: every output token is written into its source slot (a kept patch's own slot, a
+     merged group's target slot), and the mask is copied into a persistent device buffer;
+3. a pruning step at the input of decoder layer 0 (on the pruning engine) removes, per image,
+   - renumber: the visual tokens beyond the first K (the LLM sees a contiguous sequence, as if the processor had
+     put K placeholders per image);
+   - original: the visual tokens whose slot the buffer marks as not kept; the kept ones keep their original
+     position ids (the patch grid's layout stays readable through RoPE, like DivPrune's layer-0 removal).
+The step's host numbers depend only on the prompt's layout (N tokens per image, K from the config): no scores
+from the LLM, no host read beyond the visual counts (the original-position mask is read on the device). Left
+padding, batches, `generate`, the KV cache and the fast path's captured prefill all work as for any layer-0 step;
+the compression runs eagerly in the vision tower, outside the captured prefill, and writes into buffers the
+captured graph reads.
 K >= N (ratio 0) changes nothing: no hook modifies the features and the step is not planned.
 
 Supported: LLaVA-1.5-style models (`LlavaForConditionalGeneration`: a CLIP tower with a [CLS] token, one
@@ -54,16 +61,29 @@ class VisionSideStats(PruningStats):
     per_image: tuple[int, int] = (0, 0)  # (N patches, K output tokens) per image
 
 
+POSITIONS = ("renumber", "original")
+
+
+def check_positions(name: str, value) -> None:
+    if value not in POSITIONS:
+        raise ConfigError(f"{name}: positions must be one of {list(POSITIONS)} ('renumber': the output tokens "
+                          "get contiguous positions, as in the papers; 'original': each keeps the position of "
+                          f"its source patch), got {value!r}")
+
+
 class VisionSideStep(RatioStep):
-    """At the input of layer 0: keep the first K of each image's N visual tokens (the compressed image)."""
+    """At the input of layer 0: keep each image's K output tokens. positions="renumber": the first K of its N
+    visual tokens, renumbered; "original": the slots `slot_keep` marks, at their original positions."""
 
     score_layer = None
 
-    def __init__(self, config, method_name: str, per_image: int, keep: int, stats: VisionSideStats):
+    def __init__(self, config, method_name: str, per_image: int, keep: int, stats: VisionSideStats,
+                 slot_keep=None):
         self.config = config
         self.layer = 0
         self.mode = "inplace"
-        self.positions = "renumber"
+        self.positions = getattr(config, "positions", "renumber")
+        self.slot_keep = slot_keep  # positions="original": images -> (images, N) bool device buffer
         self.graph_capture = True  # host numbers: the prompt's visual counts only (through HostValues)
         self.method_name = method_name
         self.per_image, self.keep_per_image = per_image, keep
@@ -86,8 +106,17 @@ class VisionSideStep(RatioStep):
 
     def select(self, req: Request, hidden: torch.Tensor) -> StepResult:
         visual = req.visual  # original coordinates
-        local = (visual.cumsum(1) - 1) % self.per_image  # index of each visual token inside its image
-        kept_orig = visual & (local < self.keep_per_image)
+        if self.positions == "original":
+            # the j-th visual token of the batch (row-major, the order LLaVA scatters image features in) is
+            # row j of the flattened (images, N) features: its slot is kept when the compression wrote an output
+            # token there. Device ops only (the buffer is filled by the projector hook, outside the capture).
+            images = sum(req.prompt_visual_counts) // self.per_image
+            flat = self.slot_keep(images).flatten()
+            rank = (visual.flatten().long().cumsum(0) - 1).clamp(0, flat.numel() - 1).view_as(visual)
+            kept_orig = visual & flat[rank]
+        else:
+            local = (visual.cumsum(1) - 1) % self.per_image  # index of each visual token inside its image
+            kept_orig = visual & (local < self.keep_per_image)
         kept_vis = kept_orig.gather(1, req.kept) & req.valid
         keep = (~visual).gather(1, req.kept) | kept_vis
         return self.result(req, list(req.visual_counts), list(self._keep), keep, kept_vis)
@@ -107,6 +136,8 @@ class VisionSideMethod(AttachedStep):
         self.num_patches = (vcfg.image_size // vcfg.patch_size) ** 2
         self.keep = self.output_count(self.num_patches)
         stats = VisionSideStats(per_image=(self.num_patches, self.keep))
+        self.positions = getattr(config, "positions", "renumber")
+        self._slot_keep: dict = {}  # positions="original": images -> persistent (images, N) bool buffer
         self._qk: dict = {}
         self._hooks = []
         if self.keep < self.num_patches:  # otherwise the features are never touched (ratio 0: the model itself)
@@ -115,7 +146,7 @@ class VisionSideMethod(AttachedStep):
                            inner.multi_modal_projector.register_forward_pre_hook(self._on_projector)]
         try:
             self.attach_step(model, adapter, VisionSideStep(config, self.method_name, self.num_patches, self.keep,
-                                                            stats))
+                                                            stats, slot_keep=self.slot_keep))
         except BaseException:
             self._remove_hooks()
             raise
@@ -126,8 +157,17 @@ class VisionSideMethod(AttachedStep):
 
     def compress(self, feats: torch.Tensor, attn: torch.Tensor, keys: torch.Tensor):
         """(num_images, N, C) features, (num_images, N) [CLS] attention, (num_images, N, D) patch keys ->
-        (features reordered with the K output tokens first, (num_images, N) bool patch_keep)."""
+        (features with the K output tokens first (positions="renumber") or in their source slots ("original"),
+        (num_images, N) bool patch_keep: the K source slots)."""
         raise NotImplementedError
+
+    def slot_keep(self, images: int) -> torch.Tensor:
+        """positions="original": the persistent (images, N) bool buffer of the last compression's source slots."""
+        buf = self._slot_keep.get(images)
+        if buf is None:
+            raise RuntimeError(f"{self.method_name}: no compressed features for {images} image(s) were seen "
+                               "before the prefill (were the image tokens passed without pixel_values?)")
+        return buf
 
     # hooks
     def _grab(self, name: str):
@@ -148,6 +188,11 @@ class VisionSideMethod(AttachedStep):
                                f"{tuple(feats.shape)} and keys {tuple(k.shape)}")
         attn = cls_attention(q, k, self.heads, self.scale)
         out, patch_keep = self.compress(feats, attn, k[:, 1:])
+        if self.positions == "original":
+            buf = self._slot_keep.get(feats.shape[0])
+            if buf is None or buf.device != patch_keep.device:
+                buf = self._slot_keep[feats.shape[0]] = torch.zeros_like(patch_keep)
+            buf.copy_(patch_keep)  # in place: a captured prefill reads this buffer
         st = self.stats
         st.patch_keep, st.cls_attention, st.images = patch_keep, attn, feats.shape[0]
         return (out.to(feats.dtype),) + tuple(args[1:])
@@ -157,6 +202,7 @@ class VisionSideMethod(AttachedStep):
             h.remove()
         self._hooks = []
         self._qk = {}
+        self._slot_keep = {}
 
     def remove(self) -> None:
         self._remove_hooks()

@@ -8,7 +8,9 @@ N patches (averaged over heads; the ranking equals the paper's sum over heads):
    similar (cosine of the layer's keys averaged over heads); each group (its target and its members) is
    averaged into one token.
 The LLM receives dominant tokens (raster order) then contextual tokens (target order): dominant + contextual
-tokens per image. Budget: `dominant` and `contextual` when both are given; else keep = round(N * (1 - ratio)) split
+tokens per image, at contiguous positions (`positions="renumber"`, the paper); with `positions="original"` each
+dominant token keeps its patch's position id and each contextual token its target's (the other visual slots are
+removed at layer 0), so the tokens come in raster order of their source slots. Budget: `dominant` and `contextual` when both are given; else keep = round(N * (1 - ratio)) split
 like the paper's LLaVA-1.5 settings (54+10 = 64, 108+20 = 128, 162+30 = 192): contextual = round(keep * 5 / 32),
 dominant = keep - contextual (one of the two may be given with a ratio; the other is the rest). No budget at all:
 ratio = 1 - 64/576 (64 tokens of LLaVA-1.5's 576). Spec: docs/vision_side.md.
@@ -23,7 +25,7 @@ from ..config import MethodConfig, check_int, check_ratio
 from ..errors import ConfigError
 from ..flops import visual_keep_count
 from ..registry import register_method
-from .vision_side import VisionSideMethod, check_budget
+from .vision_side import VisionSideMethod, check_budget, check_positions
 
 DEFAULT_RATIO = 1.0 - 64 / 576  # the paper's most compressed LLaVA-1.5 setting: 54 dominant + 10 contextual
 
@@ -33,9 +35,11 @@ class VisionZipConfig(MethodConfig):
     ratio: float | None = None
     dominant: int | None = None
     contextual: int | None = None
+    positions: str = "renumber"  # "renumber": contiguous positions (the paper); "original": source slots' positions
     allow_text_only: bool = False
 
     def validate(self) -> None:
+        check_positions("visionzip", self.positions)
         if self.ratio is not None:
             check_ratio("ratio", self.ratio)
         if self.dominant is not None:
@@ -68,10 +72,12 @@ class VisionZipConfig(MethodConfig):
 
 
 def visionzip_compress(feats: torch.Tensor, attn: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int,
-                       heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       heads: int, positions: str = "renumber") -> tuple[torch.Tensor, torch.Tensor]:
     """feats (B, N, C), attn (B, N) [CLS] attention, keys (B, N, D) patch keys (heads concatenated) ->
-    (fp32 features reordered: the `dominant` tokens in raster order, the `contextual` merged tokens in target
-    order, then the untouched rest; (B, N) bool: dominant patches and targets). Device ops only."""
+    (fp32 features, (B, N) bool: dominant patches and targets, the output tokens' source slots). The features
+    are reordered for positions="renumber" (the `dominant` tokens in raster order, the `contextual` merged tokens
+    in target order, then the untouched rest); for "original" every row stays in its slot, each target's row
+    replaced by its group's mean. Device ops only."""
     B, N, C = feats.shape
     d, c = dominant, contextual
     idx = torch.arange(N, device=feats.device)
@@ -96,6 +102,8 @@ def visionzip_compress(feats: torch.Tensor, attn: torch.Tensor, keys: torch.Tens
         sums = torch.zeros_like(out).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, C), out * w.unsqueeze(-1))
         count = torch.zeros_like(w).scatter_add_(1, assign, w)
         out = torch.where(target.unsqueeze(-1), sums / count.clamp_min(1).unsqueeze(-1), out)
+    if positions == "original":
+        return out, dom | target
     return out.gather(1, order.unsqueeze(-1).expand(-1, -1, C)), dom | target
 
 
@@ -107,7 +115,8 @@ class AttachedVisionZip(VisionSideMethod):
         return self.dominant + self.contextual
 
     def compress(self, feats, attn, keys):
-        return visionzip_compress(feats, attn, keys, self.dominant, self.contextual, self.heads)
+        return visionzip_compress(feats, attn, keys, self.dominant, self.contextual, self.heads,
+                                  self.config.positions)
 
 
 @register_method("visionzip", family="pruning", config_cls=VisionZipConfig,
