@@ -147,3 +147,16 @@ def test_task_folder_roundtrip(tmp_path):
     assert doc_to_text(docs[0]).startswith(docs[0]["question"])
     assert np.array_equal(np.asarray(doc_to_visual(docs[0])[0]), np.asarray(S.render(S.make_sample(0, seed=2))))
     assert process_results(docs[0], [docs[0]["answer"].upper() + "."]) == {"exact_match": 1.0}
+
+
+def test_video_task_rows_read_back_through_datasets(tmp_path):
+    """lmms-eval reads the task's JSON lines with `datasets`, which fills keys other rows lack (a clip's `visible`
+    when every shape is always shown) with None: every row must still rebuild its sample."""
+    datasets = pytest.importorskip("datasets")
+    from mllm_efficiency.eval.tasks import task_samples
+
+    root = write_task_dir(tmp_path, tasks=("shapes_video",), n=12, seed=0)
+    rows = datasets.load_dataset("json", data_files=str(root / "shapes_video" / "shapes_video.jsonl"),
+                                 split="train")
+    assert any(r["visible"] is None for r in rows) and any(r["visible"] is not None for r in rows)
+    assert [S.Sample.from_json(r) for r in rows] == task_samples("shapes_video", 12, 0)

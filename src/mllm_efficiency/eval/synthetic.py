@@ -85,8 +85,9 @@ class Sample:
     def from_json(cls, d: dict) -> "Sample":
         d = dict(d)
         d["shapes"] = tuple(Shape(**s) for s in d["shapes"])
-        d["motion"] = tuple(d.get("motion", (0, 0)))
-        d["visible"] = tuple(tuple(v) for v in d.get("visible", ()))
+        # a datasets/arrow row fills a key that other rows lack with None
+        d["motion"] = tuple(d.get("motion") or (0, 0))
+        d["visible"] = tuple(tuple(v) for v in d.get("visible") or ())
         return cls(**{k: d[k] for k in (f.name for f in dataclasses.fields(cls)) if k in d})
 
     def shown(self, i: int, frame: int) -> bool:
