@@ -8,5 +8,5 @@ M="vanilla fastv:ratio=0.75 simignore:ratio=0.75 visionzip:ratio=0.75 prumerge_p
    sparsevlm:ratio=0.75 dart:ratio=0.75 divprune:ratio=0.75 random_prune:ratio=0.75"
 for n in 1 8; do
   timeout 170 python3 -m mllm_efficiency.cli bench --model llava-1.5-7b --images $n --methods $M --decode e2e \
-      --new-tokens 1 --repeats 5 --warmup 2 --out "$OUT/prefill_${n}x576" --quiet 2>&1 | grep -v Warn | tail -14
+      --new-tokens 1 --repeats 3 --warmup 1 --out "$OUT/prefill_${n}x576" --quiet 2>&1 | grep -v Warn | tail -14
 done
