@@ -2,7 +2,7 @@
 # GPU call C: GGUF piece 2 (the file is complete); the shapes-vlm video fine-tune, then the video accuracy sweep.
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-bash .stage/smollm2/append.sh 2 | tail -1
+bash .stage/smollm2/append.sh 2 | tail -1; bash scripts/install_wheels.sh .stage/wheels   # the gguf wheel
 GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf MINUTES=${MINUTES:-4.5} timeout 400 bash benchmarks/video/gpu_train_video.sh 2>&1 \
     | grep -v -E "Warn|it/s\]" | tail -12
 timeout 170 python3 benchmarks/eval/video_sweep.py --n 1000 --backbone /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
