@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# GPU call C: GGUF piece 2 (the file is complete); the shapes-vlm video fine-tune, then the video accuracy sweep.
+# GPU call C: GGUF piece 2 (pieces 0 and 1 appended by the two commands before it on the same warm machine:
+# `bash .stage/smollm2/append.sh 0`, then `1`, each carrying its piece); then the shapes-vlm video fine-tune and the
+# video accuracy sweep.
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 bash .stage/smollm2/append.sh 2 | tail -1; bash scripts/install_wheels.sh .stage/wheels   # the gguf wheel
