@@ -65,6 +65,25 @@ def test_layout_reproduces_visual_token_count(ov, ov_prompt, qwen):
     assert (g.frames, g.height, g.width) == (2, 2, 2) and g.size == int((p["input_ids"] == tiny.QWEN_VIDEO).sum())
 
 
+@pytest.mark.parametrize("family", ["onevision", "qwen2_5_vl"])
+def test_generate_sees_the_forwards_layout(ov, ov_prompt, qwen, family):
+    """model.generate (transformers 5.24) runs the vision encoder before the prefill and calls the forward with
+    `mm_encoder_outputs` instead of the pixels and grids: the layout must still be the forward's (not one frame
+    of every video token), and removing the method leaves the encoder methods as they were."""
+    model, p = (ov, ov_prompt) if family == "onevision" else (qwen, qwen_video_prompt(frames=4))
+    base = model.base_model
+    with me.apply(model, "framefusion", cost=0.5) as h:
+        source = h._attached.layout_source
+        with torch.no_grad():
+            model(**p)
+        grids = source.layout.grids
+        assert grids[0][0].frames > 1
+        model.generate(**p, max_new_tokens=2, do_sample=False)
+        assert source.layout.grids == grids
+    assert "get_video_features" not in vars(base) and "get_image_features" not in vars(base)
+    assert not [k for k in vars(base) if k.startswith("_mllm_eff")]
+
+
 def test_sec_keep_counts_come_from_the_original_count(ov, ov_prompt):
     alphas = (0.5, 0.3, 0.2)
     with me.apply(ov, "focus", selected_layers=(0, 1, 2), alpha_list=alphas, sec_only=True) as h:

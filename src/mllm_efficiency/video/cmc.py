@@ -109,7 +109,7 @@ def iframe_candidates(x: torch.Tensor, frames: int, per_frame: int,
 
 class AttachedCMC:
     method_name = "cmc"
-    fast_decode = False  # as Focus: decode-time state the slot decoder does not reproduce
+    fast_decode = True  # as Focus: same tokens as model.generate, eager prefill (see video.layout, fast.support)
     def __init__(self, model, adapter, config: CMCConfig):
         self.config = config
         self.adapter = adapter

@@ -86,10 +86,11 @@ class FrameFusionStats:
 
 class AttachedFrameFusion:
     method_name = "framefusion"
-    # the fast path's prefill (the text model run directly on the wrapper's embeddings) gave logits 0.04 away from
-    # model()'s with cost <= 0.5 on the tiny OneVision model, same kept sets; until that is understood generation
-    # with FrameFusion runs model.generate (see docs/fast_path.md)
-    fast_decode = False
+    # the fast path gives model.generate's tokens (slot decode steps; the prefill, which merges and prunes on the
+    # host, runs eagerly: these steps declare no graph_capture). The 0.04 logit gap once seen here was
+    # model.generate's, not the fast path's: generate() hid the video's frame grid from the layout
+    # (video.layout: generate() pre-encodes the pixels), see docs/fast_path.md
+    fast_decode = True
     def __init__(self, model, adapter, config: FrameFusionConfig):
         if adapter.sliding_window_layers():
             raise NotImplementedError("framefusion on models with sliding-window layers is not supported")

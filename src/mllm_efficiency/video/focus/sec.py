@@ -55,9 +55,10 @@ class SEC:
     Per prefill: keep targets per stage, host-side keep counts, and per selected layer the keep mask over its
     current slots and the rows its MLP computes (mid_layer); `mlp_live` is the compaction of the MLP running now."""
     method_name = "focus"
-    # Focus keeps similarity state between the prefill and the decode steps that the fast path's slot decoder
-    # does not reproduce (measured: different tokens), so generation with Focus runs model.generate
-    fast_decode = False
+    # the fast path gives model.generate's tokens (its prefill runs eagerly: the steps decide on the host). The
+    # different tokens once measured came from model.generate hiding the frame grid (video.layout), not from
+    # state the slot decoder misses: Focus's hooks are idle after the prefill
+    fast_decode = True
 
     def __init__(self, model, adapter, config, stats, trace, layout_source):
         self.config, self.stats, self.trace, self.layout_source = config, stats, trace, layout_source
