@@ -38,6 +38,26 @@ def load(tiny: bool, weights: str | None, device: str, backbone: str = shapes_vl
     return model.to(device).eval(), proc
 
 
+def plot_accuracy(path: Path, rows: list[dict], methods: list[str], base: float, dashed: tuple = ()) -> None:
+    """Accuracy vs R, one line per method, from (ratio 0, vanilla `base`); skipped without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = [(0.0, base)] + [(r["ratio"], r["acc_all"]) for r in rows if r["method"] == m]
+        ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m in dashed else "-")
+    ax.set(xlabel="R (fraction of image tokens removed)", ylabel="exact match", title="shapes_vqa")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -87,23 +107,7 @@ def main(argv=None) -> int:
           "`random` = FastV with scorer=random (same K, same kept count).\n")
     (out / "results.md").write_text(md)
     print(md)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        base = rows[0]["acc_all"]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for m in [name for name, _ in arms]:
-            pts = [(0.0, base)] + [(r["ratio"], r["acc_all"]) for r in rows if r["method"] == m]
-            ax.plot(*zip(*pts), marker="o", label=m)
-        ax.set(xlabel="R (fraction of image tokens removed)", ylabel="exact match", title="shapes_vqa")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_ratio.png", dpi=120)
-    except ImportError:
-        pass
+    plot_accuracy(out / "accuracy_vs_ratio.png", rows, [name for name, _ in arms], rows[0]["acc_all"])
     return 0
 
 

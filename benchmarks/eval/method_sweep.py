@@ -27,15 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 import mllm_efficiency as me  # noqa: E402
 from mllm_efficiency.adapters import get_adapter  # noqa: E402
+from mllm_efficiency.bench.specs import parse_entry  # noqa: E402
 from mllm_efficiency.bench.timing import markdown_table  # noqa: E402
 from mllm_efficiency.errors import ConfigError  # noqa: E402
 from mllm_efficiency.eval import synthetic  # noqa: E402
 from mllm_efficiency.eval.shapes_eval import accuracy  # noqa: E402
 from mllm_efficiency.flops import LayerShape, exact_layer_flops  # noqa: E402
-from mllm_efficiency.bench.specs import parse_entry  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fastv_sweep import load  # noqa: E402
+from fastv_sweep import load, plot_accuracy  # noqa: E402
 
 VISUAL_TOKEN_METHODS = ("fastv", "simignore", "visionzip", "prumerge_plus", "pdrop", "sparsevlm", "dart",
                         "divprune", "random_prune")
@@ -191,22 +191,7 @@ def main(argv=None) -> int:
           + markdown_table(rows, [k for k in rows[0] if k != "mean_layer_tokens"] + ["mean_layer_tokens"], 4) + "\n")
     (out / "results.md").write_text(md)
     print(md)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for m in methods:
-            pts = [(0.0, base["acc_all"])] + [(x["ratio"], x["acc_all"]) for x in rows if x["method"] == m]
-            ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m == CONTROL else "-")
-        ax.set(xlabel="R (fraction of image tokens removed)", ylabel="exact match", title="shapes_vqa")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_ratio.png", dpi=120)
-    except ImportError:
-        pass
+    plot_accuracy(out / "accuracy_vs_ratio.png", rows, methods, base["acc_all"], dashed=(CONTROL,))
     return 0
 
 
