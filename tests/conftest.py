@@ -89,6 +89,22 @@ def apply_quiet(model, **cfg):
         return me.apply(model, "fastv", **cfg)
 
 
+
+def family_models(builders: dict, num_layers: int):
+    """get(family, impl="sdpa"): a tiny model of `family` built once; other attention implementations get the
+    sdpa model's weights, so the two compare like for like."""
+    built = {}
+
+    def get(family, impl="sdpa"):
+        if (family, impl) not in built:
+            m = builders[family](num_layers=num_layers, attn_implementation=impl)
+            if impl != "sdpa":
+                m.load_state_dict(get(family).state_dict())
+            built[(family, impl)] = m
+        return built[(family, impl)]
+
+    return get
+
 @pytest.fixture(scope="session")
 def llava():
     """Tiny LLaVA (4-layer Llama text model, sdpa), 16 image tokens per 32x32 image, image token 127."""

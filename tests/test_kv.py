@@ -48,6 +48,23 @@ def all_kept(cache, B: int = 1):
     return [[[kept_positions(cache, i, b, h) for h in range(HKV)] for b in range(B)] for i in range(NL)]
 
 
+def evicting_decode(model, prompt: dict, steps: int, keep: int):
+    """Prefill, then `steps` greedy decode steps with a decode-time eviction method attached; every layer must hold
+    exactly `keep` slots after each step. Returns (fed tokens, logits per step, all_kept after each step)."""
+    out = model(**prompt, use_cache=True)
+    cache = cache_of(out)
+    tok = out.logits[:, -1:].argmax(-1)
+    tokens, logits, kept_steps = [], [], []
+    for _ in range(steps):
+        tokens.append(tok)
+        o = model(input_ids=tok, **{CACHE_KW: cache}, use_cache=True)
+        logits.append(o.logits[:, -1])
+        kept_steps.append(all_kept(cache))
+        assert all(cache.layers[i].keys.shape[-2] == keep for i in range(NL))
+        tok = o.logits[:, -1:].argmax(-1)
+    return tokens, logits, kept_steps
+
+
 def compressed_decode(model, method: str, prompt: dict, steps: int, **cfg):
     """Prefill with the method, then `steps` greedy decode steps (no position ids: the library continues
     from the logical length). Returns kept sets after prefill, fed tokens, logits per step, the cache."""
@@ -355,17 +372,7 @@ def test_h2o_accumulate_equals_reference():
     prompt = dict(input_ids=ids_of(L, 11))
     keep = keep_of(L, ratio)
     with me.apply(model, "h2o", ratio=ratio, decode="accumulate"):
-        out = model(**prompt, use_cache=True)
-        cache = cache_of(out)
-        tok = out.logits[:, -1:].argmax(-1)
-        tokens, logits, kept_steps = [], [], []
-        for _ in range(steps):
-            tokens.append(tok)
-            o = model(input_ids=tok, **{CACHE_KW: cache}, use_cache=True)
-            logits.append(o.logits[:, -1])
-            kept_steps.append(all_kept(cache))
-            assert all(cache.layers[i].keys.shape[-2] == keep for i in range(NL))
-            tok = o.logits[:, -1:].argmax(-1)
+        tokens, logits, kept_steps = evicting_decode(model, prompt, steps, keep)
     # reference
     A = eager_attention(eager, **prompt)
     score, kept = [], []

@@ -12,7 +12,8 @@ import torch
 
 import mllm_efficiency as me
 from conftest import CACHE_KW, cache_of, pad_left, text_model_of
-from test_kv import ids_of
+from test_kv import LayerMasks, all_kept, evicting_decode, gen, ids_of
+from test_kv_reference import eager_attention, keep_of
 from mllm_efficiency.errors import ConfigError
 from mllm_efficiency.testing import tiny_llama_lm, tiny_qwen2_lm
 
@@ -30,35 +31,9 @@ def _quiet():
         yield
 
 
-def keep_of(L: int, ratio: float) -> int:
-    return max(1, math.floor(L * (1 - ratio) + 1e-6))
-
-
-def kept_positions(cache, i: int, b: int = 0, h: int = 0) -> list[int]:
-    layer = cache.layers[i]
-    B = layer.keys.shape[0]
-    pos = layer.slot_positions(batch=B)
-    pos = pos.expand(B, *pos.shape[1:])
-    p = pos[b, h] if pos.dim() == 3 else pos[b]
-    valid = layer.slot_valid()
-    if valid is not None:
-        p = p[valid[b, h] if valid.dim() == 3 else valid[b]]
-    return sorted(p.tolist())
-
-
-def all_kept(cache, B: int = 1):
-    return [[[kept_positions(cache, i, b, h) for h in range(HKV)] for b in range(B)] for i in range(NL)]
-
-
 def topk(scores, k: int, candidates) -> list[int]:
     """Top k candidates by score, ties to the earlier position."""
     return sorted(sorted(candidates, key=lambda j: (-float(scores[j]), j))[:k])
-
-
-def gen(model, n: int, **inputs):
-    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         return_dict_in_generate=True, output_logits=True)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +140,6 @@ def test_left_padded_batch_equals_single_runs(request, model_name, method, cfg):
 
 
 # ------------------------------------------------------------------------------------------ references
-def eager_attention(eager, **inputs):
-    return [a[0].to(DT) for a in eager(**inputs, output_attentions=True).attentions]  # (H, L, L) per layer
-
-
 @pytest.mark.parametrize("head_adaptive", [False, True])
 def test_tova_prefill_matches_reference(llama_text, eager_llama, head_adaptive):
     """Paper: score = the last token's attention, averaged over the layer's heads; keep the top `keep`."""
@@ -194,35 +165,19 @@ def test_tova_decode_current_matches_reference():
     prompt = dict(input_ids=ids_of(L, 11))
     keep = keep_of(L, ratio)
     with me.apply(model, "tova", ratio=ratio, decode="current") as handle:
-        out = model(**prompt, use_cache=True)
-        cache = cache_of(out)
-        tok = out.logits[:, -1:].argmax(-1)
-        tokens, logits, kept_steps = [], [], []
-        for _ in range(steps):
-            tokens.append(tok)
-            o = model(input_ids=tok, **{CACHE_KW: cache}, use_cache=True)
-            logits.append(o.logits[:, -1])
-            kept_steps.append(all_kept(cache))
-            assert all(cache.layers[i].keys.shape[-2] == keep for i in range(NL))
-            tok = o.logits[:, -1:].argmax(-1)
+        tokens, logits, kept_steps = evicting_decode(model, prompt, steps, keep)
         assert handle.stats.decode_evictions == steps * NL
     A = eager_attention(eager, **prompt)
     kept = [topk(A[i][:, L - 1].mean(0), keep, range(L)) for i in range(NL)]
     full = cache_of(eager(**prompt, use_cache=True))
-    handles = []
-    masks = {}
-    for i, layer in enumerate(text_model_of(eager).layers):
-        def hook(module, args, kwargs, i=i):
-            kwargs["attention_mask"] = masks[i]
-            return args, kwargs
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    hooks = LayerMasks(eager)
     try:
         for t, tok in enumerate(tokens):
             S = L + t + 1
             for i in range(NL):
                 m = torch.full((1, 1, 1, S), torch.finfo(torch.float32).min)
                 m[..., kept[i] + [S - 1]] = 0.0
-                masks[i] = m
+                hooks.masks[i] = m
             o = eager(input_ids=tok, **{CACHE_KW: full}, position_ids=torch.tensor([[L + t]]),
                       output_attentions=True)
             torch.testing.assert_close(logits[t], o.logits[:, -1], atol=TOL, rtol=0)
@@ -234,8 +189,7 @@ def test_tova_decode_current_matches_reference():
                 for h in range(HKV):
                     assert kept_steps[t][i][0][h] == kept[i], (t, i, h)
     finally:
-        for h in handles:
-            h.remove()
+        hooks.close()
 
 
 def test_keydiff_matches_reference(qwen2):

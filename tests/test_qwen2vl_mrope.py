@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import mllm_efficiency as me
-from conftest import CACHE_KW, ENGINE_ATTR, apply_quiet, cache_of, keep_rule
+from conftest import CACHE_KW, ENGINE_ATTR, apply_quiet, cache_of, family_models, keep_rule
 from mllm_efficiency.testing.tiny import (
     QWEN_IMAGE, QWEN_VEND, QWEN_VIDEO, QWEN_VSTART, qwen_vl_prompt, tiny_qwen2_5_vl, tiny_qwen2_vl,
 )
@@ -46,17 +46,7 @@ def _no_grad():
 
 @pytest.fixture(scope="module")
 def models():
-    built = {}
-
-    def get(family, impl="sdpa"):
-        if (family, impl) not in built:
-            m = BUILDERS[family](num_layers=NUM_LAYERS, attn_implementation=impl)
-            if impl != "sdpa":
-                m.load_state_dict(get(family).state_dict())
-            built[(family, impl)] = m
-        return built[(family, impl)]
-
-    return get
+    return family_models(BUILDERS, NUM_LAYERS)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ENGINE_ATTR, apply_quiet, cache_of, keep_rule, pad_left
+from conftest import ENGINE_ATTR, apply_quiet, cache_of, family_models, keep_rule, pad_left
 from test_vlm_batch import check_batch, qwen_batch_of, text_positions
 
 import mllm_efficiency as me
@@ -59,17 +59,7 @@ def _no_grad():
 
 @pytest.fixture(scope="module")
 def models():
-    built = {}
-
-    def get(family, impl="sdpa"):
-        if (family, impl) not in built:
-            m = BUILDERS[family](num_layers=NUM_LAYERS, attn_implementation=impl)
-            if impl != "sdpa":
-                m.load_state_dict(get(family).state_dict())
-            built[(family, impl)] = m
-        return built[(family, impl)]
-
-    return get
+    return family_models(BUILDERS, NUM_LAYERS)
 
 
 @pytest.fixture(params=list(CASES))
