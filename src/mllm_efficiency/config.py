@@ -132,6 +132,20 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
         raise ConfigError(f"{name} must be in [{lo}, {hi}], got {value}")
 
 
+
+def layer_tuple(method: str, name: str, value: Any, low: int) -> tuple[int, ...]:
+    """A non-empty, strictly increasing tuple of layer indices >= low (a list is accepted and converted)."""
+    if not isinstance(value, (tuple, list)):
+        raise ConfigError(f"{method}: {name} must be a tuple or list, got {value!r}")
+    value = tuple(value)
+    if not value:
+        raise ConfigError(f"{method}: {name} needs at least one layer")
+    for i, layer in enumerate(value):
+        check_int(f"{name}[{i}]", layer, low)
+    if list(value) != sorted(set(value)):
+        raise ConfigError(f"{method}: {name} must be strictly increasing, got {value}")
+    return value
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
     if value not in choices:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import MethodConfig, check_int, check_number, check_ratio, check_unit_fraction
+from ..config import MethodConfig, check_number, check_ratio, check_unit_fraction, layer_tuple
 from ..errors import ConfigError
 from ..registry import register_method
 from .engine import PruningEngine, PruningStats
@@ -43,19 +43,12 @@ class PDropConfig(MethodConfig):
             if self.image_token_ratio_list is not None:
                 raise ConfigError("pdrop: give ratio or image_token_ratio_list, not both")
         check_number("lambda_", self.lambda_, 0.0, 1.0, low_open=True)
-        for name in ("layer_list", "image_token_ratio_list"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, (tuple, list)):
-                raise ConfigError(f"pdrop: {name} must be a tuple or list, got {value!r}")
         if self.layer_list is not None:
-            object.__setattr__(self, "layer_list", tuple(self.layer_list))
-            if not self.layer_list:
-                raise ConfigError("pdrop: layer_list needs at least one layer")
-            for i, layer in enumerate(self.layer_list):
-                check_int(f"layer_list[{i}]", layer, 1)
-            if list(self.layer_list) != sorted(set(self.layer_list)):
-                raise ConfigError(f"pdrop: layer_list must be strictly increasing, got {self.layer_list}")
+            object.__setattr__(self, "layer_list", layer_tuple("pdrop", "layer_list", self.layer_list, 1))
         if self.image_token_ratio_list is not None:
+            if not isinstance(self.image_token_ratio_list, (tuple, list)):
+                raise ConfigError("pdrop: image_token_ratio_list must be a tuple or list, got "
+                                  f"{self.image_token_ratio_list!r}")
             object.__setattr__(self, "image_token_ratio_list", tuple(self.image_token_ratio_list))
             for i, r in enumerate(self.image_token_ratio_list):
                 check_unit_fraction(f"image_token_ratio_list[{i}]", r)

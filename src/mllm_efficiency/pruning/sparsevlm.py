@@ -43,7 +43,7 @@ import math
 
 import torch
 
-from ..config import MethodConfig, check_choice, check_fraction, check_int, check_ratio
+from ..config import MethodConfig, check_choice, check_fraction, check_int, check_ratio, layer_tuple
 from ..core.attention_rows import ROW_CHUNK, attention_rows
 from ..core.context import ModelContext
 from ..errors import ConfigError, NoVisualTokensError
@@ -78,19 +78,12 @@ class SparseVLMConfig(MethodConfig):
     def validate(self) -> None:
         if self.ratio is not None:
             check_ratio("ratio", self.ratio)
-        for name in ("pruning_loc", "sparse_token_list"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, (tuple, list)):
-                raise ConfigError(f"sparsevlm: {name} must be a tuple or list, got {value!r}")
         if self.pruning_loc is not None:
-            object.__setattr__(self, "pruning_loc", tuple(self.pruning_loc))
-            if not self.pruning_loc:
-                raise ConfigError("sparsevlm: pruning_loc needs at least one layer")
-            for i, layer in enumerate(self.pruning_loc):
-                check_int(f"pruning_loc[{i}]", layer, 0)
-            if list(self.pruning_loc) != sorted(set(self.pruning_loc)):
-                raise ConfigError(f"sparsevlm: pruning_loc must be strictly increasing, got {self.pruning_loc}")
+            object.__setattr__(self, "pruning_loc", layer_tuple("sparsevlm", "pruning_loc", self.pruning_loc, 0))
         if self.sparse_token_list is not None:
+            if not isinstance(self.sparse_token_list, (tuple, list)):
+                raise ConfigError(f"sparsevlm: sparse_token_list must be a tuple or list, got "
+                                  f"{self.sparse_token_list!r}")
             object.__setattr__(self, "sparse_token_list", tuple(self.sparse_token_list))
             if not self.sparse_token_list:
                 raise ConfigError("sparsevlm: sparse_token_list needs at least one entry")
