@@ -19,7 +19,6 @@ layer 0). Spec: docs/vision_side.md.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -50,24 +49,10 @@ class PruMergePlusConfig(MethodConfig):
         check_positions("prumerge_plus", self.positions)
 
 
-def quartiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q1, Q3 of each row of x (B, N) by linear interpolation (numpy's default); device ops only."""
-    s = x.sort(dim=1).values
-    N = x.shape[1]
-
-    def q(p):
-        pos = p * (N - 1)
-        lo = math.floor(pos)
-        hi = min(lo + 1, N - 1)
-        return s[:, lo] + (s[:, hi] - s[:, lo]) * (pos - lo)
-
-    return q(0.25), q(0.75)
-
-
 def prumerge_plus_select(attn: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) bool kept patches (exactly `keep` per row) and (B, N) bool IQR outliers. Device ops only."""
     B, N = attn.shape
-    q1, q3 = quartiles(attn)
+    q1, q3 = torch.quantile(attn.float(), torch.tensor([0.25, 0.75], device=attn.device), dim=1)  # linear
     outlier = attn > (q3 + 1.5 * (q3 - q1)).unsqueeze(1)
     n_out = outlier.sum(1, keepdim=True)
     m = (keep - n_out).clamp_min(0)
